@@ -1,0 +1,1 @@
+"""Datasets, input pipelines and data regimes."""
