@@ -1,0 +1,88 @@
+"""Per-method cost of one jitted train step, relative to full fine-tuning, in one run.
+
+python -m benchmarks.method_cost                        # ViT-B/16 and ResNet-50, batch 8, 224 px
+python -m benchmarks.method_cost --models=resnet50 --steps=3
+
+Random full-size weights (no checkpoint needed; the cost does not depend on the values). Time is the
+median wall time of `--steps` calls after one warm-up call; memory is XLA's
+`compiled.memory_analysis()` (arguments + outputs + temporaries - aliased), which works on CPU.
+"""
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from medpeft_jax import models, presets
+from medpeft_jax.train.step import init_train_state, make_train_step
+
+_MODELS = flags.DEFINE_list("models", ["vit_b16", "resnet50"], "Models to measure.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
+_SIZE = flags.DEFINE_integer("size", 224, "Image size.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per method.")
+_METHODS = flags.DEFINE_list("methods", None, "Methods to measure (default: all for the family; "
+                             "`full` is always measured as the reference).")
+
+METHODS = {
+    "vit": ["full", "linear", "bias", "norm", "attention", "lora", "dora", "ssf", "adaptformer", "vpt"],
+    "resnet": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora", "dora"],
+    "mobilenet_v2": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora"],
+}
+
+
+def measure(model_name: str, method_name: str, batch: int, size: int, steps: int) -> dict:
+  model = models.create_model(model_name, num_classes=3)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+  method = presets.build_method(model_name, method_name)
+  optimizer = optax.adamw(1e-3)
+  state = init_train_state(method, variables, optimizer, jax.random.key(1))
+  batch_data = {"image": x, "label": jnp.arange(batch) % 3}
+  start = time.perf_counter()
+  compiled = make_train_step(model, method, optimizer).lower(state, variables["params"], batch_data).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+  times = []
+  for i in range(steps + 1):
+    start = time.perf_counter()
+    state, metrics = compiled(state, variables["params"], batch_data)
+    jax.block_until_ready(metrics["loss"])
+    if i:  # the first call is a warm-up
+      times.append(time.perf_counter() - start)
+  count = method.count(variables["params"], state.peft)
+  return {"step_s": statistics.median(times), "memory": memory, "compile_s": compile_s,
+          "trainable": count.trainable}
+
+
+def main(argv):
+  del argv
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform} x {jax.device_count()}, "
+        f"batch {_BATCH.value}, {_SIZE.value} px, median of {_STEPS.value} steps")
+  for model_name in _MODELS.value:
+    rows = {}
+    names = METHODS[models.get_spec(model_name).family]
+    if _METHODS.value:
+      names = ["full"] + [n for n in _METHODS.value if n != "full"]
+    for method_name in names:
+      rows[method_name] = measure(model_name, method_name, _BATCH.value, _SIZE.value, _STEPS.value)
+      r = rows[method_name]
+      print(f"  {model_name} {method_name}: {r['step_s']:.3f} s, {r['memory'] / 2**20:.0f} MiB, "
+            f"compiled in {r['compile_s']:.1f} s", flush=True)
+    full = rows["full"]
+    print(f"\n{model_name}\n| method | trainable | step time (s) | x full | memory (MiB) | x full |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in rows.items():
+      print(f"| {name} | {r['trainable']:,} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} | "
+            f"{r['memory'] / 2**20:.0f} | {r['memory'] / full['memory']:.2f} |")
+    print()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,116 @@
+"""LoRA (Hu et al. 2022) and DoRA (Liu et al. 2024) on dense and convolution kernels.
+
+Dense kernel W (in, out):       y = x·W + s·(x·A)·B,            A (in, r), B (r, out)
+Conv kernel W (kh, kw, in, out): y = conv(x, W) + s·conv(x, A)·B, A (kh, kw, in, r) with W's stride
+                                 and padding, B (r, out) a 1x1 conv — as Hugging Face PEFT.
+s = alpha / r (or alpha / sqrt(r) with rsLoRA). A ~ U(±1/sqrt(fan_in)), B = 0, so training starts
+at the base model. `merge` folds W + s·A·B (for convs, into every tap: einsum over the rank).
+A target that selects a grouped (depthwise) conv is an error, as in Hugging Face PEFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from medpeft_jax.peft.core import Flat, Method, module_paths, register, select
+
+
+def _kernel(flat: Flat, module: str):
+  if f"{module}/kernel" not in flat:
+    raise ValueError(f"LoRA target {module!r} has no kernel; target dense or convolution modules.")
+  return flat[f"{module}/kernel"]
+
+
+def _down(module, a, x):
+  """x·A for a dense module, conv(x, A) with the module's own stride/padding for a conv."""
+  if a.ndim == 2:
+    return x @ a.astype(x.dtype)
+  groups = getattr(module, "feature_group_count", 1)
+  if groups != 1:
+    raise ValueError(f"LoRA/TSA target {'/'.join(module.path)!r} is a grouped convolution "
+                     f"(feature_group_count={groups}); these are not supported (as in Hugging Face PEFT). "
+                     "Exclude it from the targets regex.")
+  down = module.clone(parent=None, features=a.shape[-1], use_bias=False)
+  return down.apply({"params": {"kernel": a}}, x)
+
+
+def _delta(a, b):
+  """The dense-equivalent weight update A·B in the kernel's own layout."""
+  return jnp.einsum("...ir,ro->...io", a, b)
+
+
+@register("lora")
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+  """Low-rank adapters on the dense/conv modules whose paths `targets` fully matches."""
+
+  targets: str = r".*attn/(query|value)"
+  rank: int = 8
+  alpha: float | None = None  # None: alpha = rank (scale 1)
+  rslora: bool = False
+
+  @property
+  def scale(self) -> float:
+    alpha = self.rank if self.alpha is None else self.alpha
+    return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  def adapter_modules(self, flat: Flat) -> list[str]:
+    return select(module_paths(flat), self.targets, f"{self.name} targets")
+
+  def init_adapter(self, rng, module: str, flat: Flat):
+    w = _kernel(flat, module)
+    shape_in, out = w.shape[:-1], w.shape[-1]
+    bound = 1 / math.sqrt(math.prod(shape_in))  # kaiming_uniform(a=sqrt(5)), as PEFT and nn.Linear
+    a = jax.random.uniform(rng, (*shape_in, self.rank), jnp.float32, -bound, bound)
+    return {"a": a, "b": jnp.zeros((self.rank, out), jnp.float32)}
+
+  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
+    y = next_fun(*args, **kwargs)
+    update = _down(module, adapter["a"], args[0]) @ adapter["b"].astype(y.dtype)
+    return y + (self.scale * update).astype(y.dtype)
+
+  def fold_adapter(self, flat, path, adapter):
+    w = flat[f"{path}/kernel"]
+    return {**flat, f"{path}/kernel": w + self.scale * _delta(adapter["a"], adapter["b"]).astype(w.dtype)}
+
+
+@register("dora")
+@dataclasses.dataclass(frozen=True)
+class DoRA(LoRA):
+  """Weight-decomposed LoRA: W' = m · (W + s·A·B) / ||W + s·A·B||, norms per output feature.
+
+  As in Hugging Face PEFT, the norm is treated as a constant in the backward pass (the paper's
+  memory-saving choice), so no weight gradient of W is ever formed.
+  """
+
+  def init_adapter(self, rng, module, flat):
+    adapter = super().init_adapter(rng, module, flat)
+    return {**adapter, "m": _column_norm(_kernel(flat, module))}
+
+  def _rescale(self, adapter, w):
+    norm = _column_norm(w + self.scale * _delta(adapter["a"], adapter["b"]))
+    return adapter["m"] / jax.lax.stop_gradient(norm)
+
+  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
+    # (x·W + b)·r + s·(x·A·B)·r + b·(1 - r) = x·W'·r + b, r = m / ||W'||: no subtraction of b, so
+    # at init (r = 1 up to an ulp, B = 0) the output is y up to rounding.
+    y = next_fun(*args, **kwargs)
+    r = self._rescale(adapter, base[f"{path}/kernel"]).astype(y.dtype)
+    update = _down(module, adapter["a"], args[0]) @ adapter["b"].astype(y.dtype)
+    out = y * r + (self.scale * update).astype(y.dtype) * r
+    bias = base.get(f"{path}/bias")
+    return out + bias.astype(y.dtype) * (1 - r) if bias is not None else out
+
+  def fold_adapter(self, flat, path, adapter):
+    w = flat[f"{path}/kernel"]
+    merged = (w + self.scale * _delta(adapter["a"], adapter["b"])) * self._rescale(adapter, w)
+    return {**flat, f"{path}/kernel": merged.astype(w.dtype)}
+
+
+def _column_norm(w):
+  """L2 norm of each output feature's weights (all axes but the last)."""
+  return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=tuple(range(w.ndim - 1))))
