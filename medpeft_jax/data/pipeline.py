@@ -1,0 +1,172 @@
+"""grain input pipelines: a split (or a data regime of it) -> augmented, normalised, batched arrays.
+
+Train: shuffled every epoch (seeded), each process reading its own shard (`jax.process_index`),
+random-resized crop + horizontal flip (torchvision's recipe) with per-record seeds: batches are the
+same for a given seed and worker count (workers batch their own records, so another worker count
+groups them differently); the iterator's state is checkpointable (`iterator.get_state()` /
+`set_state()`) for exact resume.
+Eval: resize (shorter side to size x 256/224) + centre crop, in order, padded to whole batches with
+a `mask` (1 real, 0 padding) so every batch has the same shape.
+Batches are {"image": float32 (B, H, W, 3) normalised with the model's mean/std, "label": int32 (B,)}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+from medpeft_jax.data.regimes import regime_indices
+from medpeft_jax.data.transforms import normalize, resize_center_crop, to_rgb
+
+
+class Split:
+  """One split of a built dataset, optionally a data regime of it; a grain random-access source.
+
+  Records keep their encoded image (decoded in the pipeline's workers): {"image": JPEG bytes,
+  "label": int, "id": bytes, "group": bytes}. `regime` is a fraction in (0, 1] of the split, chosen
+  stratified and nested (medpeft_jax.data.regimes) with `regime_seed`.
+  """
+
+  def __init__(self, builder, split: str, regime: float = 1.0, regime_seed: int = 0):
+    self.builder, self.split, self.regime, self.regime_seed = builder, split, regime, regime_seed
+    self._source = None
+    labels = np.asarray([self.source[i]["label"] for i in range(len(self.source))], np.int32)
+    self.indices = regime_indices(labels, regime, regime_seed) if regime < 1.0 else np.arange(len(labels))
+    self.labels = labels[self.indices]
+    self.num_classes = builder.info.features["label"].num_classes
+    self.class_names = builder.info.features["label"].names
+
+  @property
+  def source(self):
+    if self._source is None:  # opened lazily, so that pickled copies (grain workers) reopen it
+      self._source = self.builder.as_data_source(self.split, decoders={"image": tfds.decode.SkipDecoding()})
+    return self._source
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None}
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    return self.source[int(self.indices[i])]
+
+  def class_counts(self) -> np.ndarray:
+    return np.bincount(self.labels, minlength=self.num_classes)
+
+
+def decode(data: bytes) -> Image.Image:
+  return to_rgb(Image.open(io.BytesIO(data)))
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop box (left, top, right, bottom): 10 tries, then a centre crop."""
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+      return left, top, left + w, top + h
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    w, h = int(round(height * ratio[1])), height
+  else:
+    w, h = width, height
+  left, top = (width - w) // 2, (height - h) // 2
+  return left, top, left + w, top + h
+
+
+@dataclasses.dataclass
+class TrainTransform(grain.transforms.RandomMap):
+  size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  scale: tuple[float, float] = (0.08, 1.0)
+
+  def random_map(self, record, rng: np.random.Generator):
+    img = decode(record["image"])
+    box = random_resized_crop_box(img.width, img.height, rng, self.scale)
+    img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+    if rng.random() < 0.5:
+      img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return {"image": normalize(np.asarray(img), self.mean, self.std), "label": np.int32(record["label"])}
+
+
+@dataclasses.dataclass
+class EvalTransform(grain.transforms.Map):
+  size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+  def map(self, record):
+    img = resize_center_crop(decode(record["image"]), self.size)
+    return {"image": normalize(img, self.mean, self.std), "label": np.int32(record["label"]),
+            "mask": np.float32(record["mask"])}
+
+
+def train_loader(split: Split, *, image_size: int, mean, std, batch_size: int, seed: int,
+                 worker_count: int = 0, num_epochs: int | None = None, scale=(0.08, 1.0)) -> grain.DataLoader:
+  """Endless (or `num_epochs`) shuffled, augmented batches; `batch_size` is global across processes."""
+  local_batch = _local_batch(batch_size)
+  if len(split) < batch_size:
+    raise ValueError(f"The training set has {len(split)} images, fewer than one batch of {batch_size}.")
+  sampler = grain.samplers.IndexSampler(
+      len(split), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True), shuffle=True,
+      num_epochs=num_epochs, seed=seed)
+  operations = [TrainTransform(image_size, tuple(mean), tuple(std), tuple(scale)),
+                grain.transforms.Batch(local_batch, drop_remainder=True)]
+  return _loader(split, sampler, operations, worker_count)
+
+
+class _Padded:
+  """This process's contiguous share of a split, padded to whole batches; padding has mask 0."""
+
+  def __init__(self, split: Split, start: int, stop: int, length: int):
+    self.split, self.start, self.stop, self.length = split, start, stop, length
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, i):
+    j = self.start + i
+    return {**self.split[j if j < self.stop else 0], "mask": 1.0 if j < self.stop else 0.0}
+
+
+def eval_loader(split: Split, *, image_size: int, mean, std, batch_size: int,
+                worker_count: int = 0) -> grain.DataLoader:
+  """One ordered pass over the split in equal-shaped batches (global `batch_size`), with a mask."""
+  local_batch = _local_batch(batch_size)
+  processes, index = jax.process_count(), jax.process_index()
+  per_process = -(-len(split) // processes)
+  start, stop = min(index * per_process, len(split)), min((index + 1) * per_process, len(split))
+  source = _Padded(split, start, stop, -(-per_process // local_batch) * local_batch)
+  sampler = grain.samplers.IndexSampler(len(source), shuffle=False, num_epochs=1)
+  operations = [EvalTransform(image_size, tuple(mean), tuple(std)), grain.transforms.Batch(local_batch)]
+  return _loader(source, sampler, operations, worker_count)
+
+
+def _loader(source, sampler, operations, worker_count: int) -> grain.DataLoader:
+  if worker_count and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (e.g. in a notebook)
+  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                          worker_count=worker_count)
+
+
+def _local_batch(batch_size: int) -> int:
+  if batch_size % jax.process_count():
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {jax.process_count()} processes.")
+  return batch_size // jax.process_count()
