@@ -42,6 +42,14 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
+# Tiny versions of each family for CPU tests and smoke runs (32 px inputs).
+TINY_MODELS: dict[str, dict] = {
+    "vit": dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4),
+    "resnet": dict(width=8, stage_sizes=(1, 1, 1, 1)),
+    "mobilenet_v2": dict(width_mult=0.25),
+}
+
+
 def preset(model_name: str, method_name: str) -> dict:
   """The default hyperparameters of `method_name` on `model_name` (empty: the method's defaults)."""
   peft.METHODS.get(method_name)  # unknown method names fail here, listing the valid ones

@@ -1,10 +1,11 @@
 """grain input pipelines: a split (or a data regime of it) -> augmented, normalised, batched arrays.
 
-Train: shuffled every epoch (seeded), each process reading its own shard (`jax.process_index`),
-random-resized crop + horizontal flip (torchvision's recipe) with per-record seeds: batches are the
-same for a given seed and worker count (workers batch their own records, so another worker count
-groups them differently); the iterator's state is checkpointable (`iterator.get_state()` /
-`set_state()`) for exact resume.
+Train: one seeded permutation per epoch over the whole split; process p of P reads positions
+p, p + P, ... (`jax.process_index`), so a global batch holds the same images whatever the number of
+processes. Random-resized crop + horizontal flip (torchvision's recipe) draw from a per-position
+seed. Batches are the same for a given seed and worker count (workers batch their own records, so
+another worker count groups them differently); the iterator's state is checkpointable
+(`iterator.get_state()` / `set_state()`) for exact resume.
 Eval: resize (shorter side to size x 256/224) + centre crop, in order, padded to whole batches with
 a `mask` (1 real, 0 padding) so every batch has the same shape.
 Batches are {"image": float32 (B, H, W, 3) normalised with the model's mean/std, "label": int32 (B,)}.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import sys
 
 import grain
 import jax
@@ -52,6 +54,11 @@ class Split:
 
   def __getstate__(self):
     return {**self.__dict__, "_source": None}
+
+  def __repr__(self) -> str:  # grain compares it when restoring an iterator state
+    b = self.builder
+    return (f"Split({b.name}/{b.builder_config.name}/{b.version}, {self.split!r}, regime={self.regime}, "
+            f"regime_seed={self.regime_seed}, n={len(self)})")
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -118,15 +125,41 @@ class EvalTransform(grain.transforms.Map):
             "mask": np.float32(record["mask"])}
 
 
+class EpochShuffleSampler:
+  """Global index i -> position i % N of epoch i // N's permutation; grain reads every P-th index."""
+
+  def __init__(self, num_records: int, seed: int, num_epochs: int | None = None):
+    self.num_records, self.seed, self.num_epochs = num_records, seed, num_epochs
+    self._shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)  # read by DataLoader
+    self._permutations: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return sys.maxsize if self.num_epochs is None else self.num_epochs * self.num_records
+
+  def __repr__(self) -> str:  # grain checks it when restoring an iterator state
+    return (f"EpochShuffleSampler(num_records={self.num_records}, seed={self.seed}, "
+            f"num_epochs={self.num_epochs})")
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._permutations:
+      self._permutations = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_records)}
+    return self._permutations[epoch]
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if index < 0 or index >= len(self):
+      raise IndexError(f"Sampler index {index} is out of range.")
+    epoch, position = divmod(index, self.num_records)
+    rng = np.random.Generator(np.random.Philox(key=self.seed + index))
+    return grain.RecordMetadata(index=index, record_key=int(self._permutation(epoch)[position]), rng=rng)
+
+
 def train_loader(split: Split, *, image_size: int, mean, std, batch_size: int, seed: int,
                  worker_count: int = 0, num_epochs: int | None = None, scale=(0.08, 1.0)) -> grain.DataLoader:
   """Endless (or `num_epochs`) shuffled, augmented batches; `batch_size` is global across processes."""
   local_batch = _local_batch(batch_size)
   if len(split) < batch_size:
     raise ValueError(f"The training set has {len(split)} images, fewer than one batch of {batch_size}.")
-  sampler = grain.samplers.IndexSampler(
-      len(split), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True), shuffle=True,
-      num_epochs=num_epochs, seed=seed)
+  sampler = EpochShuffleSampler(len(split), seed, num_epochs)
   operations = [TrainTransform(image_size, tuple(mean), tuple(std), tuple(scale)),
                 grain.transforms.Batch(local_batch, drop_remainder=True)]
   return _loader(split, sampler, operations, worker_count)

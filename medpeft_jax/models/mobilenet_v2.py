@@ -66,6 +66,7 @@ class MobileNetV2(nn.Module):
   num_classes: int
   width_mult: float = 1.0
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -73,11 +74,12 @@ class MobileNetV2(nn.Module):
     c = make_divisible(32 * self.width_mult)
     x = conv(c, (3, 3), (2, 2), ((1, 1), (1, 1)), name="stem_conv")(images)
     x = nn.relu6(norm(name="stem_bn")(x))
+    block = nn.remat(InvertedResidual, static_argnums=(2,)) if self.remat else InvertedResidual
     i = 1
     for t, c, n, s in INVERTED_RESIDUAL_SETTING:
       for j in range(n):
-        x = InvertedResidual(make_divisible(c * self.width_mult), s if j == 0 else 1, t,
-                             dtype=self.dtype, name=f"block{i}")(x, train)
+        x = block(make_divisible(c * self.width_mult), s if j == 0 else 1, t, dtype=self.dtype,
+                  name=f"block{i}")(x, train)
         i += 1
     last = make_divisible(1280 * max(1.0, self.width_mult))
     x = nn.relu6(norm(name="final_bn")(conv(last, (1, 1), name="final_conv")(x)))

@@ -22,12 +22,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from medpeft_jax.models.layers import Conv
+
 Dtype = Any
 
 
 def conv_bn_layers(dtype: Dtype, train: bool):
   """The conv and BatchNorm constructors shared by the CNNs (torchvision padding and BN defaults)."""
-  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
+  conv = functools.partial(Conv, use_bias=False, dtype=dtype)
   # torch BatchNorm2d(momentum=0.1) updates running stats by 0.1 * batch; flax's momentum is 1 - that.
   norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                            dtype=dtype)
@@ -84,11 +86,13 @@ class Stage(nn.Module):
   width: int
   strides: int
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
+    block = nn.remat(self.block, static_argnums=(2,)) if self.remat else self.block
     for j in range(self.num_blocks):
-      x = self.block(self.width, self.strides if j == 0 else 1, dtype=self.dtype, name=f"block{j}")(x, train)
+      x = block(self.width, self.strides if j == 0 else 1, dtype=self.dtype, name=f"block{j}")(x, train)
     return x
 
 
@@ -103,6 +107,7 @@ class ResNet(nn.Module):
   num_classes: int
   width: int = 64
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -111,7 +116,7 @@ class ResNet(nn.Module):
     x = nn.relu(norm(name="stem_bn")(x))
     x = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for i, n in enumerate(self.stage_sizes):
-      x = Stage(self.block, n, self.width * 2**i, 1 if i == 0 else 2, dtype=self.dtype,
+      x = Stage(self.block, n, self.width * 2**i, 1 if i == 0 else 2, dtype=self.dtype, remat=self.remat,
                 name=f"layer{i + 1}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     if self.num_classes:

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from medpeft_jax.models.layers import Conv, attention
+
 Dtype = Any
 
 
@@ -41,7 +43,7 @@ class Attention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f"width {d} is not divisible by num_heads {self.num_heads}")
     heads = lambda name: nn.Dense(d, dtype=self.dtype, name=name)(x).reshape(b, t, self.num_heads, -1)
-    y = jax.nn.dot_product_attention(heads("query"), heads("key"), heads("value"))
+    y = attention(heads("query"), heads("key"), heads("value"))
     return nn.Dense(d, dtype=self.dtype, name="out")(y.reshape(b, t, d))
 
 
@@ -88,6 +90,7 @@ class ViT(nn.Module):
   num_classes: int
   norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -95,17 +98,17 @@ class ViT(nn.Module):
     p = self.patch_size
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"image size {images.shape[1:3]} is not a multiple of the patch size {p}")
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="patch_embed")(images)
+    x = Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+             name="patch_embed")(images)
     b = x.shape[0]
     x = x.reshape(b, -1, self.width)
     cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(x.dtype), x], axis=1)
     pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
     x = x + pos.astype(x.dtype)
+    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.norm_eps, dtype=self.dtype,
-                       name=f"block{i}")(x)
+      x = block(self.num_heads, self.mlp_dim, self.norm_eps, dtype=self.dtype, name=f"block{i}")(x)
     x = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)[:, 0]
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,

@@ -167,14 +167,19 @@ class Method:
     if not adapters:
       return model.apply(variables, *inputs, **kwargs)
     flat_params = {**base, **peft["params"]}
+    active: set[str] = set()  # a module's __call__ may call its parent class's (wrapped) __call__
 
     def interceptor(next_fun, args, kw, context):
       if context.method_name != "__call__":
         return next_fun(*args, **kw)
       path = "/".join(context.module.path)
-      if path not in adapters:
+      if path not in adapters or path in active:
         return next_fun(*args, **kw)
-      return self.call_adapter(adapters[path], context.module, flat_params, path, next_fun, args, kw)
+      active.add(path)
+      try:
+        return self.call_adapter(adapters[path], context.module, flat_params, path, next_fun, args, kw)
+      finally:
+        active.discard(path)
 
     with nn.intercept_methods(interceptor):
       return model.apply(variables, *inputs, **kwargs)

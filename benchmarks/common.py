@@ -1,0 +1,39 @@
+"""Shared measurement code for the benchmarks (no flags here: each script defines its own)."""
+
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medpeft_jax import models, presets
+from medpeft_jax.train.step import init_train_state, make_train_step
+
+
+def measure(model_name: str, method_name: str, batch: int, size: int, steps: int) -> dict:
+  model = models.create_model(model_name, num_classes=3)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+  method = presets.build_method(model_name, method_name)
+  optimizer = optax.adamw(1e-3)
+  state = init_train_state(method, variables, optimizer, jax.random.key(1))
+  batch_data = {"image": x, "label": jnp.arange(batch) % 3}
+  start = time.perf_counter()
+  compiled = make_train_step(model, method, optimizer).lower(state, variables["params"], batch_data).compile()
+  compile_s = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes)
+  times = []
+  for i in range(steps + 1):
+    start = time.perf_counter()
+    state, metrics = compiled(state, variables["params"], batch_data)
+    jax.block_until_ready(metrics["loss"])
+    if i:  # the first call is a warm-up
+      times.append(time.perf_counter() - start)
+  count = method.count(variables["params"], state.peft)
+  return {"step_s": statistics.median(times), "memory": memory, "compile_s": compile_s,
+          "trainable": count.trainable}
