@@ -7,7 +7,33 @@ them. CI points JAX_COMPILATION_CACHE_DIR at one directory for the whole run.
 import os
 import pathlib
 
+import pytest
+
 _DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "medpeft_jax" / "xla"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_DEFAULT_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def easy(tmp_path_factory):
+  """3 classes told apart by their dominant colour (24 images each): any working method beats chance.
+
+  Built once here, so that concurrent subprocesses only read it.
+  """
+  import numpy as np  # noqa: PLC0415  (jax must not be imported before the cache settings above)
+  from PIL import Image  # noqa: PLC0415
+
+  from medpeft_jax import data  # noqa: PLC0415
+
+  root = tmp_path_factory.mktemp("easy")
+  rng = np.random.default_rng(0)
+  for c, name in enumerate(("red", "green", "blue")):
+    (root / name).mkdir()
+    for i in range(24):
+      a = rng.integers(0, 110, (36, 36, 3)).astype(np.uint8)
+      a[..., c] += 120
+      Image.fromarray(a).save(root / name / f"{i}.png")
+  paths = {"manual_dir": str(root), "data_dir": str(tmp_path_factory.mktemp("easy_tfds"))}
+  data.load("image_folder", **paths)
+  return paths

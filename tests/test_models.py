@@ -3,6 +3,7 @@
 import functools
 import re
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from flax import traverse_util
 
 from medpeft_jax import models
+from medpeft_jax.models import layers
 from tests.helpers import randomise
 
 
@@ -154,3 +156,23 @@ def test_missing_checkpoint_says_what_to_download(tmp_path):
     models.load_pretrained("vit_b16", tmp_path / "nope", num_classes=2)
   with pytest.raises(FileNotFoundError, match="resnet50-0676ba61.pth"):
     models.load_pretrained("resnet50", tmp_path / "nope.pth", num_classes=2)
+
+
+@pytest.mark.parametrize("kernel,strides,padding,groups", [
+    ((3, 3), 1, ((1, 1), (1, 1)), "depthwise"), ((3, 3), 2, "SAME", "depthwise"), ((5, 5), 2, 2, "depthwise"),
+    ((1, 1), 2, "SAME", 1), ((4, 4), 4, "VALID", 1)])
+def test_conv_fast_paths_match_flax_conv(kernel, strides, padding, groups):
+  """layers.Conv's matmul and shifted-tap paths give nn.Conv's outputs and gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 11, 6))
+  kwargs = dict(features=6, kernel_size=kernel, strides=strides, padding=padding,
+                feature_group_count=6 if groups == "depthwise" else 1)
+  ours, reference = layers.Conv(**kwargs), flax.linen.Conv(**kwargs)
+  variables = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference.init(jax.random.key(1), x))
+
+  def grads(module):
+    return jax.tree.leaves(jax.grad(lambda v, x: (module.apply(v, x) ** 2).sum(), (0, 1))(variables, x))
+
+  np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x), atol=1e-5)
+  for a, b in zip(grads(ours), grads(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

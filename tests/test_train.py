@@ -15,10 +15,9 @@ import optax
 import pytest
 import sklearn.metrics
 from absl import flags
-from PIL import Image
 
 from configs import classify
-from medpeft_jax import data, models, peft, presets
+from medpeft_jax import models, peft, presets
 from medpeft_jax.train import adapters_io, metrics, trainer
 from medpeft_jax.train.step import classification_loss, init_train_state, make_train_step
 
@@ -84,22 +83,6 @@ def test_class_weighted_loss():
 
 
 # --- smoke runs on an easy synthetic dataset ---------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def easy(tmp_path_factory):
-  """3 classes told apart by their dominant colour: any working method must beat chance."""
-  root = tmp_path_factory.mktemp("easy")
-  rng = np.random.default_rng(0)
-  for c, name in enumerate(("red", "green", "blue")):
-    (root / name).mkdir()
-    for i in range(24):
-      a = rng.integers(0, 110, (36, 36, 3)).astype(np.uint8)
-      a[..., c] += 120
-      Image.fromarray(a).save(root / name / f"{i}.png")
-  paths = {"manual_dir": str(root), "data_dir": str(tmp_path_factory.mktemp("easy_tfds"))}
-  data.load("image_folder", **paths)  # built once here: concurrent subprocesses only read it
-  return paths
-
 
 def smoke_config(easy, model="vit_b16", method="lora", **overrides):
   config = classify.get_config(f"model={model},method={method},dataset=image_folder,smoke=True")

@@ -11,6 +11,7 @@ tensorboard/, results.json.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -37,6 +38,23 @@ from medpeft_jax.train.step import TrainState, classification_loss, init_train_s
 # PEFT prefers learning rates about 10x higher than full fine-tuning (the paper tuned them per method).
 DEFAULT_LR = {"full": 1e-4}
 PEFT_LR = 1e-3
+
+
+# Config fields that never enter the compiled programs: where the data and weights are (their values
+# are arguments), the regime and seed, and bookkeeping. Every other field, including any added later,
+# is part of a program's cache key, with the values derived from the data (steps, classes, weights).
+_NOT_IN_PROGRAM = frozenset({"regime", "seed", "weights", "dataset", "data_dir", "manual_dir", "dataset_options",
+                             "workers", "epochs", "total_steps", "num_classes", "eval_every", "checkpoint_every",
+                             "keep_checkpoints", "log_every", "progress"})
+# In-process cache of (compiled train step, jitted predict): a sweep's runs that differ
+# only in regime or seed trace and compile once (tracing a CNN's train step costs seconds). Two entries:
+# the sweep runner finishes one (model, method) before the next.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _program_key(config, **derived) -> str:
+  fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_PROGRAM}
+  return json.dumps({**fields, **derived}, sort_keys=True, default=str)
 
 
 def default_lr(method: str) -> float:
@@ -191,19 +209,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   leaves = jax.tree.leaves((state_sh, params_sh))
   logs.log_info("Mesh %s; %d of %d state and parameter leaves sharded over 'fsdp'.", dict(mesh.shape),
                 sum(s.spec != P() for s in leaves), len(leaves))
-  batch_sh = sharding.batch_sharding(mesh)
-  batch_spec = {
-      "image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
-      "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
-  start = time.perf_counter()
-  train_step = jax.jit(step_fn, in_shardings=(state_sh, params_sh, batch_sh),
-                       out_shardings=(state_sh, replicated), donate_argnums=0).lower(
-                           state, params, batch_spec).compile()
-  compile_s = time.perf_counter() - start
-  logs.log_info("Compiled the train step in %.1f s (XLA memory estimate %.0f MiB).", compile_s,
-                memory_bytes(train_step) / 2**20)
+  key = _program_key(config, method=peft_method_name(config.method),  # scratch runs full's program
+                     total_steps=total_steps, num_classes=train_split.num_classes,
+                     class_weights=class_weights(train_split).tolist() if config.class_weighted else None,
+                     devices=[str(d) for d in mesh.devices.flat])
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+    (train_step, predict), compile_s = _PROGRAMS[key], 0.0
+    logs.log_info("Reusing the train step compiled for an earlier run of the same program.")
+  else:
+    batch_sh = sharding.batch_sharding(mesh)
+    batch_spec = {
+        "image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
+        "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
+    start = time.perf_counter()
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, params_sh, batch_sh),
+                         out_shardings=(state_sh, replicated), donate_argnums=0).lower(
+                             state, params, batch_spec).compile()
+    compile_s = time.perf_counter() - start
+    logs.log_info("Compiled the train step in %.1f s (XLA memory estimate %.0f MiB).", compile_s,
+                  memory_bytes(train_step) / 2**20)
+    predict = make_predict(model, method)
+    _PROGRAMS[key] = train_step, predict
+    while len(_PROGRAMS) > 2:
+      _PROGRAMS.popitem(last=False)
 
-  predict = make_predict(model, method)
   evaluate = functools.partial(evaluate_split, predict, image_size=size, spec=spec, mesh=mesh,
                                batch_size=config.eval_batch_size or config.batch_size, workers=config.workers)
   count = method.count(params, state.peft)
@@ -226,29 +256,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     logs.log_info("Resumed from the checkpoint at step %d.", latest)
 
   step = int(state.step)
-  step_times = []
+  step_times = []  # seconds per step of each read-back window (the loop's pace, input pipeline included)
   bar = tqdm(total=total_steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step",
              disable=jax.process_index() != 0 or not config.progress)
   last_good = latest
+  pending = []  # (step, metrics) dispatched but not read back: the host prepares the next batch meanwhile
+  window_start = time.perf_counter()
+
+  def read_back():
+    """Reads the pending steps' metrics; stops at the first non-finite loss, before any checkpoint."""
+    nonlocal window_start
+    for at, metrics in pending:
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        bar.close()
+        raise FloatingPointError(
+            f"Non-finite training loss ({loss}) at step {at}. Stopped; the last good checkpoint "
+            f"(step {last_good}) is kept in {workdir / 'checkpoints'}. Lower the learning rate "
+            f"(was {lr:g}) or enable gradient clipping.")
+      if at % config.log_every == 0 or at == total_steps:
+        logger.write(at, "train", {**{k: float(v) for k, v in metrics.items()}, "lr": float(schedule(at - 1))})
+    if pending:
+      now = time.perf_counter()
+      step_times.append((now - window_start) / len(pending))
+      window_start = now
+      bar.set_postfix(loss=f"{loss:.4f}")
+    pending.clear()
+
   while step < total_steps:
     batch = sharding.global_batch(next(iterator), mesh)
-    start = time.perf_counter()
     state, metrics = train_step(state, params, batch)
-    loss = float(metrics["loss"])
-    step_times.append(time.perf_counter() - start)
     step += 1
-    if not math.isfinite(loss):
-      bar.close()
-      raise FloatingPointError(
-          f"Non-finite training loss ({loss}) at step {step}. Stopped; the last good checkpoint "
-          f"(step {last_good}) is kept in {workdir / 'checkpoints'}. Lower the learning rate "
-          f"(was {lr:g}) or enable gradient clipping.")
+    pending.append((step, metrics))
     bar.update(1)
-    bar.set_postfix(loss=f"{loss:.4f}")
-    if step % config.log_every == 0 or step == total_steps:
-      logger.write(step, "train", {**{k: float(v) for k, v in metrics.items()},
-                                   "lr": float(schedule(step - 1))})
-    if step % eval_every == 0 or step == total_steps:
+    evaluating = step % eval_every == 0 or step == total_steps
+    checkpointing = evaluating or step % config.checkpoint_every == 0
+    if step % config.log_every == 0 or checkpointing:
+      read_back()
+    if evaluating:
       val = evaluate(state.peft, params, state.batch_stats, val_split)
       logger.write(step, "validation", val)
       bar.write(f"step {step}: validation macro-F1 {val['f1_macro']:.4f}, accuracy {val['accuracy']:.4f}")
@@ -258,9 +303,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
           peft.save_adapter(workdir / "best_adapter", method, state.peft, state.batch_stats,
                             base_model=config.model, step=step, config=config.to_dict())
         multihost_utils.sync_global_devices("best adapter saved")
-    if step % config.checkpoint_every == 0 or step % eval_every == 0 or step == total_steps:
+    if checkpointing:
       checkpoints.save(step, state, {"iterator": iterator.get_state().decode(), "best": best})
       last_good = step
+      window_start = time.perf_counter()  # evaluation and saving are not training steps
   bar.close()
 
   adapter = peft.load_adapter(workdir / "best_adapter")

@@ -1,0 +1,351 @@
+"""Paper-format reports from the results store: tables, ranks and plots.
+
+Per model, the paper's layout: one row per dataset (with its training size), or per (dataset,
+regime) when the records span regimes; one column per method headed `name (trainable params)`; mean
+± std over seeds, the best of each row in bold; then "Average <metric>" (column means) and "Average
+Rank" (methods ranked within each row, best = 1, averaged over rows). Ties: "dense" (tied methods
+share a rank, the next rank follows on: the paper's ResNet table) or "average" (tied methods get the
+mean of their positions: its ViT table); values are compared at 6 decimals. Metrics where lower is
+better (FID, KID) rank ascending. `combine_models` adds the "Combined Average Rank" over every
+(model, dataset) row. Written as Markdown, CSV and LaTeX, plus PNG plots of the metric against the %
+of training data (the paper's Fig. 1, crossings marked) and against trainable parameters (Fig. 3).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import io
+import math
+import os
+import pathlib
+
+import numpy as np
+
+LOWER_IS_BETTER = {"fid", "kid", "loss"}
+NAMES = {"f1_macro": "F1", "accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "auc": "AUC",
+         "fid": "FID", "kid": "KID"}
+_CM_METRICS = {"f1_macro", "accuracy", "balanced_accuracy"}  # recomputable from a confusion matrix
+
+
+def final_records(records: list[dict]) -> list[dict]:
+  return [r for r in records if r.get("status") == "ok" and r.get("kind", "final") == "final"]
+
+
+def rank_values(values: dict[str, float], ties: str = "average", ascending: bool = False) -> dict[str, float]:
+  """Rank of each key (1 = best). `ties`: "dense" or "average"."""
+  if ties not in ("dense", "average"):
+    raise ValueError(f"ties must be 'dense' or 'average', not {ties!r}.")
+  rounded = {k: round(v, 6) for k, v in values.items()}
+  order = sorted(set(rounded.values()), reverse=not ascending)
+  ranks, position = {}, 1
+  for level, value in enumerate(order, 1):
+    tied = [k for k, v in rounded.items() if v == value]
+    rank = level if ties == "dense" else position + (len(tied) - 1) / 2
+    ranks.update({k: float(rank) for k in tied})
+    position += len(tied)
+  return ranks
+
+
+def _format_count(n: float) -> str:
+  for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.3g}{unit}" if n / scale < 100 else f"{n / scale:.0f}{unit}"
+  return f"{n:.0f}"
+
+
+def _cm_metric(cm: np.ndarray, metric: str) -> float:
+  tp = np.diag(cm).astype(np.float64)
+  if metric == "accuracy":
+    return float(tp.sum() / max(cm.sum(), 1))
+  if metric == "balanced_accuracy":
+    support = cm.sum(axis=1)
+    return float(np.mean(tp[support > 0] / support[support > 0]))
+  denom = cm.sum(axis=0) + cm.sum(axis=1)
+  return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
+
+
+def bootstrap_interval(records: list[dict], metric: str, samples: int, seed: int = 0):
+  """95 % interval of the seed-mean: test examples resampled from each run's confusion matrix for
+  F1/accuracy/balanced accuracy, otherwise the seeds themselves (None with a single seed)."""
+  rng = np.random.default_rng(seed)
+  if metric in _CM_METRICS and all("confusion_matrix" in r["metrics"] for r in records):
+    cms = [np.asarray(r["metrics"]["confusion_matrix"]) for r in records]
+    means = [np.mean([_cm_metric(rng.multinomial(cm.sum(), (cm / cm.sum()).ravel()).reshape(cm.shape), metric)
+                      for cm in cms]) for _ in range(samples)]
+  elif len(records) > 1:
+    values = np.asarray([r["metrics"][metric] for r in records], np.float64)
+    means = rng.choice(values, (samples, len(values))).mean(axis=1)
+  else:
+    return None
+  return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@dataclasses.dataclass
+class Cell:
+  values: list[float]
+  interval: tuple[float, float] | None = None
+
+  @property
+  def mean(self) -> float:
+    return float(np.mean(self.values))
+
+  @property
+  def std(self) -> float:
+    return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+
+
+@dataclasses.dataclass
+class Table:
+  model: str
+  metric: str
+  methods: list[str]
+  headers: list[str]  # "method (params)"
+  rows: list[tuple[str, dict[str, Cell]]]  # (label, {method: cell})
+  best: list[set[str]]
+  average: dict[str, float]
+  average_rank: dict[str, float]
+
+
+def _rows(records: list[dict]):
+  """{(dataset, regime): records}; regimes collapse to one row per dataset when each has one."""
+  by_row = collections.defaultdict(list)
+  for r in records:
+    by_row[(r["dataset"], float(r["regime"]))].append(r)
+  datasets = list(dict.fromkeys(r["dataset"] for r in records))
+  span = any(len({reg for (d, reg) in by_row if d == ds}) > 1 for ds in datasets)
+  keys = sorted(by_row, key=lambda k: (datasets.index(k[0]), k[1]))
+  return [(k, by_row[k], span) for k in keys]
+
+
+def build_table(records: list[dict], model: str, metric: str = "f1_macro", ties: str = "average",
+                bootstrap: int = 0) -> Table:
+  records = [r for r in final_records(records) if r["model"] == model and metric in r["metrics"]]
+  if not records:
+    raise ValueError(f"No finished records of {model} with metric {metric!r}.")
+  ascending = metric in LOWER_IS_BETTER
+  methods = list(dict.fromkeys(r["method"] for r in records))
+  headers = []
+  for m in methods:
+    counts = sorted({r["trainable_params"] for r in records if r["method"] == m and "trainable_params" in r})
+    span = (_format_count(counts[0]) if len(counts) == 1 or _format_count(counts[0]) == _format_count(counts[-1])
+            else f"{_format_count(counts[0])}–{_format_count(counts[-1])}") if counts else "?"
+    headers.append(f"{m} ({span})")
+  rows, best, ranks = [], [], collections.defaultdict(list)
+  for (dataset, regime), row_records, span in _rows(records):
+    size = max(r.get("dataset_size", 0) for r in row_records)
+    label = f"{dataset} @ {regime:g} ({size:,})" if span else f"{dataset} ({size:,})"
+    cells = {}
+    for m in methods:
+      runs = [r for r in row_records if r["method"] == m]
+      if runs:
+        cells[m] = Cell([float(r["metrics"][metric]) for r in runs],
+                        bootstrap_interval(runs, metric, bootstrap) if bootstrap else None)
+    means = {m: c.mean for m, c in cells.items()}
+    target = min(means.values()) if ascending else max(means.values())
+    best.append({m for m, v in means.items() if round(v, 6) == round(target, 6)})
+    for m, rank in rank_values(means, ties, ascending).items():
+      ranks[m].append(rank)
+    rows.append((label, cells))
+  average = {m: float(np.mean([cells[m].mean for _, cells in rows if m in cells])) for m in methods}
+  average_rank = {m: float(np.mean(ranks[m])) for m in methods}
+  return Table(model, metric, methods, headers, rows, best, average, average_rank)
+
+
+def combined_average_rank(records: list[dict], metric: str = "f1_macro", ties: str = "average") -> dict[str, float]:
+  """Methods ranked within every (model, dataset[, regime]) row of every model, averaged."""
+  ranks = collections.defaultdict(list)
+  ascending = metric in LOWER_IS_BETTER
+  records = [r for r in final_records(records) if metric in r["metrics"]]
+  for model in dict.fromkeys(r["model"] for r in records):
+    for _, row_records, _ in _rows([r for r in records if r["model"] == model]):
+      means = collections.defaultdict(list)
+      for r in row_records:
+        means[r["method"]].append(float(r["metrics"][metric]))
+      for m, rank in rank_values({m: float(np.mean(v)) for m, v in means.items()}, ties, ascending).items():
+        ranks[m].append(rank)
+  return {m: float(np.mean(v)) for m, v in ranks.items()}
+
+
+def _cell_text(cell: Cell | None, latex: bool = False) -> str:
+  if cell is None:
+    return "–"
+  pm = r" $\pm$ " if latex else " ± "
+  text = f"{cell.mean:.4f}" + (f"{pm}{cell.std:.4f}" if len(cell.values) > 1 else "")
+  if cell.interval:
+    text += f" [{cell.interval[0]:.4f}, {cell.interval[1]:.4f}]"
+  return text
+
+
+def _summary_rows(table: Table):
+  name = NAMES.get(table.metric, table.metric)
+  return [(f"Average {name}", {m: f"{v:.4f}" for m, v in table.average.items()}),
+          ("Average Rank", {m: f"{v:.2f}" for m, v in table.average_rank.items()})]
+
+
+def to_markdown(table: Table) -> str:
+  lines = [f"### {table.model} — {NAMES.get(table.metric, table.metric)}", "",
+           "| dataset (train size) | " + " | ".join(table.headers) + " |",
+           "|---|" + "---:|" * len(table.methods)]
+  for (label, cells), best in zip(table.rows, table.best):
+    texts = [(f"**{_cell_text(cells.get(m))}**" if m in best else _cell_text(cells.get(m))) for m in table.methods]
+    lines.append(f"| {label} | " + " | ".join(texts) + " |")
+  for label, values in _summary_rows(table):
+    lines.append(f"| {label} | " + " | ".join(values[m] for m in table.methods) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+  buf = io.StringIO()
+  writer = csv.writer(buf)
+  writer.writerow(["row"] + [f"{h} {part}" for h in table.headers for part in ("mean", "std", "best")])
+  for (label, cells), best in zip(table.rows, table.best):
+    out = [label]
+    for m in table.methods:
+      c = cells.get(m)
+      out += [f"{c.mean:.6f}", f"{c.std:.6f}", int(m in best)] if c else ["", "", ""]
+    writer.writerow(out)
+  for label, values in _summary_rows(table):
+    writer.writerow([label] + [x for m in table.methods for x in (values[m], "", "")])
+  return buf.getvalue()
+
+
+def _latex_escape(text: str) -> str:
+  return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+def to_latex(table: Table) -> str:
+  lines = [r"\begin{tabular}{l" + "r" * len(table.methods) + "}", r"\toprule",
+           "Dataset & " + " & ".join(_latex_escape(h) for h in table.headers) + r" \\", r"\midrule"]
+  for (label, cells), best in zip(table.rows, table.best):
+    texts = [(rf"\textbf{{{_cell_text(cells.get(m), True)}}}" if m in best else _cell_text(cells.get(m), True))
+             for m in table.methods]
+    lines.append(_latex_escape(label) + " & " + " & ".join(texts) + r" \\")
+  lines.append(r"\midrule")
+  for label, values in _summary_rows(table):
+    lines.append(f"{label} & " + " & ".join(values[m] for m in table.methods) + r" \\")
+  lines += [r"\bottomrule", r"\end{tabular}"]
+  return "\n".join(lines) + "\n"
+
+
+def _crossings(xs, a, b):
+  """Points (x, y) where curve a crosses curve b between consecutive x (interpolated in log x)."""
+  out = []
+  for i in range(len(xs) - 1):
+    d0, d1 = a[i] - b[i], a[i + 1] - b[i + 1]
+    if d0 * d1 < 0:
+      t = d0 / (d0 - d1)
+      lx = math.log(xs[i]) + t * (math.log(xs[i + 1]) - math.log(xs[i]))
+      out.append((math.exp(lx), a[i] + t * (a[i + 1] - a[i])))
+  return out
+
+
+def plot_regimes(records: list[dict], metric: str, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Fig. 1: the metric against the % of training data, one line per method, crossings marked."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  records = [r for r in final_records(records) if metric in r["metrics"]]
+  paths = []
+  for model in dict.fromkeys(r["model"] for r in records):
+    for dataset in dict.fromkeys(r["dataset"] for r in records if r["model"] == model):
+      runs = [r for r in records if r["model"] == model and r["dataset"] == dataset]
+      regimes = sorted({float(r["regime"]) for r in runs})
+      if len(regimes) < 2:
+        continue
+      fig, ax = plt.subplots(figsize=(6, 4))
+      curves = {}
+      for method in dict.fromkeys(r["method"] for r in runs):
+        xs, ys, es = [], [], []
+        for regime in regimes:
+          v = [r["metrics"][metric] for r in runs if r["method"] == method and float(r["regime"]) == regime]
+          if v:
+            xs.append(regime * 100)
+            ys.append(float(np.mean(v)))
+            es.append(float(np.std(v)))
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        curves[method] = (xs, ys)
+      names = list(curves)
+      for i, a in enumerate(names):
+        for b in names[i + 1:]:
+          if curves[a][0] == curves[b][0]:
+            for x, y in _crossings(curves[a][0], curves[a][1], curves[b][1]):
+              ax.plot([x], [y], marker="X", color="black", markersize=9, zorder=5)
+      ax.set_xscale("log")
+      ax.set_xticks([x * 100 for x in regimes], [f"{x * 100:g}" for x in regimes])
+      ax.set_xlabel("% of training data")
+      ax.set_ylabel(NAMES.get(metric, metric))
+      ax.set_title(f"{model} on {dataset} (X: crossings)")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=8)
+      paths.append(_save(fig, out_dir / f"regimes_{model}_{dataset}.png"))
+  return paths
+
+
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_parameters(records: list[dict], metric: str, out_dir: pathlib.Path) -> list[pathlib.Path]:
+  """Fig. 3: each method's metric (mean over datasets, full training data) against its trainable
+  parameters, log x, marker area proportional to the parameter count."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  records = [r for r in final_records(records) if metric in r["metrics"] and "trainable_params" in r]
+  paths = []
+  for model in dict.fromkeys(r["model"] for r in records):
+    runs = [r for r in records if r["model"] == model]
+    top = {d: max(float(r["regime"]) for r in runs if r["dataset"] == d) for d in {r["dataset"] for r in runs}}
+    runs = [r for r in runs if float(r["regime"]) == top[r["dataset"]]]
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    params = [float(np.mean([r["trainable_params"] for r in runs if r["method"] == m])) for m in methods]
+    values = [float(np.mean([r["metrics"][metric] for r in runs if r["method"] == m])) for m in methods]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = [30 + 600 * p / max(params) for p in params]
+    ax.scatter(params, values, s=sizes, alpha=0.6)
+    for m, p, v in zip(methods, params, values):
+      ax.annotate(m, (p, v), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(f"{NAMES.get(metric, metric)} (mean over datasets)")
+    ax.set_title(model)
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out_dir / f"params_{model}.png"))
+  return paths
+
+
+def write_report(records: list[dict], out_dir: str | os.PathLike, metric: str = "f1_macro",
+                 ties: str = "average", combine_models: bool = False, bootstrap: int = 0) -> str:
+  """Writes every table (md, csv, tex) and plot into `out_dir`; returns the Markdown of the tables."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  records = final_records(records)
+  if not records:
+    raise ValueError("No finished final runs to report.")
+  parts = []
+  for model in dict.fromkeys(r["model"] for r in records):
+    table = build_table(records, model, metric, ties, bootstrap)
+    for suffix, text in (("md", to_markdown(table)), ("csv", to_csv(table)), ("tex", to_latex(table))):
+      (out_dir / f"table_{model}.{suffix}").write_text(text)
+    parts.append(to_markdown(table))
+  if combine_models:
+    ranks = combined_average_rank(records, metric, ties)
+    text = ("### Combined Average Rank (all models and datasets)\n\n| " + " | ".join(ranks) + " |\n|"
+            + "---:|" * len(ranks) + "\n| " + " | ".join(f"{v:.2f}" for v in ranks.values()) + " |\n")
+    (out_dir / "combined_rank.md").write_text(text)
+    parts.append(text)
+  plots = plot_regimes(records, metric, out_dir) + plot_parameters(records, metric, out_dir)
+  markdown = "\n".join(parts)
+  (out_dir / "report.md").write_text(markdown + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
+  return markdown
