@@ -42,6 +42,29 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 
+# The paper's text-to-image strategies on the Stable Diffusion U-Net (text encoder and VAE frozen; no
+# head). Counts at SD v1.5 shapes, ours vs the paper's: bias 343,684 (0.34M: every bias, GroupNorm and
+# LayerNorm ones included), norm 200,320 (0.2M), LoRA r4 on attn1/attn2 to_q/k/v/out 797,184 (0.8M),
+# attention 267,239,360 (every parameter under `attentions_*`), DiffFit 481,284 (paper 0.58M, which is
+# ours plus the 100,160 norm biases counted a second time, once under "bias" and once under "norm").
+UNET_PRESETS: dict[str, dict] = {
+    "full": dict(head=None),
+    "attention": dict(targets=r"(.*/)?attentions_\d+/.*", head=None),
+    "bias": dict(include_norm_bias=True, head=None),
+    "norm": dict(head=None),
+    "bias_norm_attention": dict(),
+    "lora": dict(targets=r".*/attn[12]/(to_q|to_k|to_v|to_out_0)", rank=4, alpha=4, head=None),
+    "difffit": dict(),
+}
+
+
+def unet_method(method_name: str, **overrides) -> peft.Method:
+  """One of the paper's U-Net strategies (UNET_PRESETS) with optional overrides."""
+  if method_name not in UNET_PRESETS:
+    raise ValueError(f"Unknown U-Net strategy {method_name!r}; known: {sorted(UNET_PRESETS)}.")
+  return peft.get_method(method_name, **{**UNET_PRESETS[method_name], **overrides})
+
+
 # Tiny versions of each family for CPU tests and smoke runs (32 px inputs).
 TINY_MODELS: dict[str, dict] = {
     "vit": dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4),

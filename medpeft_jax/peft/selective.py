@@ -68,3 +68,12 @@ class Attention(Selective):
   """Attention tuning: every parameter of the attention blocks and the position embedding."""
 
   targets: str | None = r"(.*/)?attn/.*|pos_embed"
+
+
+@register("bias_norm_attention")
+@dataclasses.dataclass(frozen=True)
+class BiasNormAttention(Selective):
+  """The union of bias, norm and attention tuning (the paper's SD strategy); defaults for the U-Net."""
+
+  targets: str | None = r"(.*/)?bias|(.*/)?[^/]*norm[^/]*/scale|(.*/)?attentions_\d+/.*"
+  head: str | None = None

@@ -1,0 +1,60 @@
+"""The paper's text-to-image strategies on the SD U-Net: counts at full size, exact merges on a tiny one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medpeft_jax import presets
+from medpeft_jax.models import unet
+from tests import sd_fakes
+
+FULL_SIZE = {"full": 859_520_964, "attention": 267_239_360, "bias": 343_684, "norm": 200_320,
+             "bias_norm_attention": 267_421_124, "lora": 797_184, "difffit": 481_284}
+
+
+def test_trainable_counts_at_sd_v15_shapes():
+  """Paper: bias 0.34M, norm 0.2M, LoRA 0.8M, DiffFit 0.58M (= ours + the norm biases counted twice)."""
+  params = jax.eval_shape(unet.UNet2DConditionModel().init, jax.random.key(0), jnp.zeros((1, 8, 8, 4)),
+                          jnp.zeros((1,)), jnp.zeros((1, 77, 768)))["params"]
+  counts = {name: presets.unet_method(name).count(params, jax.eval_shape(
+      presets.unet_method(name).init, jax.random.key(0), params)).trainable for name in presets.UNET_PRESETS}
+  assert counts == FULL_SIZE
+  assert FULL_SIZE["difffit"] + FULL_SIZE["norm"] // 2 == 581_444  # the paper's "0.58M"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = unet.UNet2DConditionModel(unet.UNetConfig.from_dict(sd_fakes.UNET))
+  rng = np.random.default_rng(0)
+  inputs = (rng.standard_normal((1, 8, 8, 4), dtype=np.float32), jnp.array([300]),
+            rng.standard_normal((1, 3, 32), dtype=np.float32))
+  return model, jax.jit(model.init)(jax.random.key(0), *inputs)["params"], inputs
+
+
+@pytest.mark.parametrize("name", ["lora", "difffit"])
+def test_training_path_equals_merged_weights(tiny, name):
+  model, params, inputs = tiny
+  method = presets.unet_method(name)
+  peft = method.init(jax.random.key(1), params)
+  # Move every trainable leaf away from its initialisation (LoRA's B = 0 and DiffFit's γ = 1 are identities).
+  leaves, tree = jax.tree.flatten(peft)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  peft = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  trained = method.apply(model, {"params": params}, peft, *inputs)
+  merged = model.apply({"params": method.merge(params, peft)}, *inputs)
+  np.testing.assert_allclose(trained, merged, atol=1e-4, rtol=1e-4)
+  assert not np.allclose(trained, model.apply({"params": params}, *inputs), atol=1e-3)
+
+
+def test_selective_strategies_touch_only_their_leaves(tiny):
+  _, params, _ = tiny
+  chosen = {name: set(presets.unet_method(name).init(jax.random.key(0), params)["params"])
+            for name in ("attention", "bias", "norm", "bias_norm_attention", "difffit")}
+  assert all("attentions_" in p for p in chosen["attention"])
+  assert all(p.endswith("/bias") for p in chosen["bias"]) and any("norm" in p for p in chosen["bias"])
+  assert all("norm" in p.rsplit("/", 2)[-2] for p in chosen["norm"])
+  assert chosen["bias_norm_attention"] == chosen["attention"] | chosen["bias"] | chosen["norm"]
+  assert chosen["difffit"] == chosen["bias"] | chosen["norm"]
+  with pytest.raises(ValueError, match="Unknown U-Net strategy 'svdiff'"):
+    presets.unet_method("svdiff")
