@@ -37,7 +37,7 @@ def test_kernel_inception_distance_matches_the_unbiased_mmd():
   m, d = 50, 8
   pick = np.random.default_rng(0)
   xs, ys = x[pick.choice(60, m, replace=False)], y[pick.choice(50, m, replace=False)]
-  k = lambda a, b: (a @ b.T / d + 1) ** 3  # noqa: E731
+  k = lambda a, b: (a @ b.T / d + 1) ** 3
   expected = sum(k(xs[i:i + 1], xs[j:j + 1])[0, 0] + k(ys[i:i + 1], ys[j:j + 1])[0, 0]
                  for i in range(m) for j in range(m) if i != j) / (m * (m - 1)) - 2 * k(xs, ys).mean()
   assert mean == pytest.approx(expected, rel=1e-9) and std == 0.0
