@@ -181,3 +181,47 @@ def csv_dataset(root: pathlib.Path, seed=0) -> dict:
     rows.append([path, ("benign", "malignant")[i % 2], f"patient{i // 3}"])
   write_csv(root / "labels.csv", ["path", "label", "group"], rows)
   return {"group_of": {r[0]: r[2] for r in rows}}
+
+
+def write_mimic_cxr(root: pathlib.Path, reports_as_zip: bool = True) -> dict:
+  """MIMIC-CXR-JPG's layout: gzipped split/metadata CSVs, files/pXX/p<subject>/s<study>/<dicom>.jpg,
+  and the reports zip. Each study has a PA and a LATERAL image; the report decides the prompt."""
+  import gzip  # noqa: PLC0415
+  import zipfile  # noqa: PLC0415
+
+  rng = np.random.default_rng(7)
+  reports = {  # study -> (report text, expected prompt)
+      "50000001": ("FINAL REPORT\n EXAMINATION: CHEST (PA AND LAT)\n\n FINDINGS: Heart size is enlarged.\n\n"
+                   " IMPRESSION: \n Cardiomegaly without\n edema.\n", "Cardiomegaly without edema."),
+      "50000002": ("FINAL REPORT\n FINDINGS: No focal consolidation.\n", "No focal consolidation."),
+      "50000003": ("FINAL REPORT\n INDICATION: cough.\n", ""),  # neither section: dropped
+      "50000004": ("FINAL REPORT\n IMPRESSION: Small left pleural effusion.\n", "Small left pleural effusion."),
+      "50000005": ("FINAL REPORT\n IMPRESSION: No acute process.\n", "No acute process."),
+  }
+  split_of = {"50000001": "train", "50000002": "train", "50000003": "validate", "50000004": "test",
+              "50000005": "validate"}
+  split_rows, meta_rows, expected = [], [], {}
+  for k, (study, (text, prompt)) in enumerate(reports.items()):
+    subject = f"1000000{k}"
+    for view in ("PA", "LATERAL"):
+      dicom = f"{study}-{view.lower()}"
+      write_image(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg", rng,
+                  size=(40, 30))
+      split_rows.append({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": split_of[study]})
+      meta_rows.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
+                        "Rows": "30", "Columns": "40"})
+      if view == "PA" and prompt:
+        expected[dicom] = (prompt, {"train": "train", "validate": "validation", "test": "test"}[split_of[study]])
+  for name, rows in (("mimic-cxr-2.0.0-split.csv.gz", split_rows), ("mimic-cxr-2.0.0-metadata.csv.gz", meta_rows)):
+    with gzip.open(root / name, "wt", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+  if reports_as_zip:
+    with zipfile.ZipFile(root / "mimic-cxr-reports.zip", "w") as z:
+      for k, (study, (text, _)) in enumerate(reports.items()):
+        z.writestr(f"files/p10/p1000000{k}/s{study}.txt", text)
+  else:
+    for k, (study, (text, _)) in enumerate(reports.items()):
+      (root / "files" / "p10" / f"p1000000{k}" / f"s{study}.txt").write_text(text)
+  return expected

@@ -10,6 +10,7 @@ from PIL import Image
 
 from medpeft_jax import data
 from medpeft_jax.data import dicom, splits
+from medpeft_jax.data.builders.mimic_cxr import prompt_from_report, report_sections
 from medpeft_jax.data.regimes import PAPER_REGIMES, regime_indices
 from tests import data_fakes
 
@@ -298,3 +299,22 @@ def test_regime_split_is_a_stratified_subset(folder_builder):
   assert set(small.indices) <= set(full.indices)
   counts = small.class_counts()
   assert counts.min() >= 1 and abs(len(small) - 0.2 * len(full)) <= 3
+
+
+@pytest.mark.parametrize("reports_as_zip", [True, False])
+def test_mimic_cxr_frontal_views_with_report_prompts(tmp_path_factory, reports_as_zip):
+  builder, expected, _ = build(tmp_path_factory, "mimic_cxr",
+                               lambda root: data_fakes.write_mimic_cxr(root, reports_as_zip))
+  parts = all_records(builder)
+  got = {r["id"].decode(): (r["prompt"].decode(), split) for split, recs in parts.items() for r in recs}
+  assert got == expected  # PA only, IMPRESSION over FINDINGS, the official split, no-text studies dropped
+  assert {r["view"] for recs in parts.values() for r in recs} == {b"PA"}
+  assert max(parts["train"][0]["image"].shape[:2]) <= 256
+
+
+def test_mimic_cxr_report_sections():
+  text = "FINAL REPORT\n COMPARISON: None.\n FINDINGS: Lungs are clear.\n IMPRESSION:\n No acute\n process.\n"
+  assert report_sections(text) == {"COMPARISON": "None.", "FINDINGS": "Lungs are clear.",
+                                   "IMPRESSION": "No acute process."}
+  assert prompt_from_report(text) == "No acute process."
+  assert prompt_from_report("FINAL REPORT\n FINDINGS: Clear.\n IMPRESSION:\n") == "Clear."
