@@ -191,8 +191,8 @@ def write_mimic_cxr(root: pathlib.Path, reports_as_zip: bool = True) -> dict:
 
   rng = np.random.default_rng(7)
   reports = {  # study -> (report text, expected prompt)
-      "50000001": ("FINAL REPORT\n EXAMINATION: CHEST (PA AND LAT)\n\n FINDINGS: Heart size is enlarged.\n\n"
-                   " IMPRESSION: \n Cardiomegaly without\n edema.\n", "Cardiomegaly without edema."),
+      "50000001": (("FINAL REPORT\n EXAMINATION: CHEST (PA AND LAT)\n\n FINDINGS: Heart size is enlarged.\n\n"
+                    " IMPRESSION: \n Cardiomegaly without\n edema.\n"), "Cardiomegaly without edema."),
       "50000002": ("FINAL REPORT\n FINDINGS: No focal consolidation.\n", "No focal consolidation."),
       "50000003": ("FINAL REPORT\n INDICATION: cough.\n", ""),  # neither section: dropped
       "50000004": ("FINAL REPORT\n IMPRESSION: Small left pleural effusion.\n", "Small left pleural effusion."),
