@@ -4,9 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from medpeft_jax import presets
 from medpeft_jax.models import unet
+from medpeft_jax.models.weights import diffusers as sd_weights
+from medpeft_jax.models.weights.diffusers_lora import export_unet_lora
 from tests import sd_fakes
 
 FULL_SIZE = {"full": 859_520_964, "attention": 267_239_360, "bias": 343_684, "norm": 200_320,
@@ -58,3 +61,23 @@ def test_selective_strategies_touch_only_their_leaves(tiny):
   assert chosen["difffit"] == chosen["bias"] | chosen["norm"]
   with pytest.raises(ValueError, match="Unknown U-Net strategy 'svdiff'"):
     presets.unet_method("svdiff")
+
+
+def test_lora_exports_to_diffusers_naming(tmp_path):
+  """Our U-Net + LoRA equals diffusers' U-Net with the exported file loaded by diffusers itself."""
+  reference = sd_fakes.write_pipeline(tmp_path / "pipe")["unet"]
+  model, params, _ = sd_weights.load_component(tmp_path / "pipe", "unet")
+  method = presets.unet_method("lora", alpha=8)  # scale 2: exported into B
+  peft = method.init(jax.random.key(1), params)
+  peft["adapters"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
+                                  peft["adapters"])
+  path = export_unet_lora(method, peft, tmp_path / "lora")
+  reference.load_lora_adapter(str(path.parent), prefix="unet", weight_name=path.name)
+  rng = np.random.default_rng(0)
+  x, context = rng.standard_normal((1, 8, 8, 4), dtype=np.float32), rng.standard_normal((1, 5, 32), dtype=np.float32)
+  ours = method.apply(model, {"params": params}, peft, x, jnp.array([400]), context)
+  with torch.no_grad():
+    theirs = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.tensor([400]),
+                       torch.from_numpy(context)).sample.numpy().transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+  assert not np.allclose(ours, model.apply({"params": params}, x, jnp.array([400]), context), atol=1e-3)
