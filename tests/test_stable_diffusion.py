@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from medpeft_jax import data
 from medpeft_jax.diffusion import (
   NoiseSchedule,
   StableDiffusion,
   add_noise,
+  cache,
   diffusion_loss,
   make_plan,
   sample_loop,
@@ -22,7 +24,7 @@ from medpeft_jax.diffusion import (
 from medpeft_jax.diffusion.samplers import ddim_update, pndm_update
 from medpeft_jax.models import clip_text, unet, vae
 from medpeft_jax.models.weights import diffusers as sd_weights
-from tests import sd_fakes
+from tests import data_fakes, sd_fakes
 from tests.test_train import REPO
 
 
@@ -198,3 +200,25 @@ def test_diffusion_loss_is_zero_for_the_exact_target(prediction):
   for gamma in (0.0, 5.0):
     assert diffusion_loss(schedule, exact, x0, jax.random.key(2), min_snr_gamma=gamma) < 1e-6
   assert diffusion_loss(schedule, lambda noisy, t: jnp.zeros_like(noisy), x0, jax.random.key(2)) > 0.1
+
+
+def test_encode_split_caches_latents_and_text(pipeline, tmp_path):
+  """The cache holds exactly what the VAE encoder and text encoder give for each record."""
+  folder, _ = pipeline
+  sd = StableDiffusion.load(folder)
+  (tmp_path / "mimic").mkdir()
+  data_fakes.write_mimic_cxr(tmp_path / "mimic")
+  source = data.load("mimic_cxr", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "mimic").as_data_source("train")
+  out = cache.encode_split(sd, source, tmp_path / "cache", size=16, batch_size=3)
+  assert out["latent_mean"].shape == (2, 8, 8, 4) and out["text"].shape == (2, 77, 32)
+  assert out["meta"]["examples"] == 2
+  image = cache._image(source[1], 16)[None]
+  mean, logvar = sd.vae.model.apply({"params": sd.vae.params}, image, method=sd.vae.model.encode)
+  np.testing.assert_allclose(out["latent_mean"][1], mean[0], atol=1e-5)
+  np.testing.assert_allclose(out["latent_logvar"][1], logvar[0], atol=1e-5)
+  np.testing.assert_allclose(out["text"][1], sd.encode_prompts([source[1]["prompt"].decode()])[0], atol=2e-3)
+  reloaded = cache.load_cache(tmp_path / "cache")
+  np.testing.assert_array_equal(reloaded["latent_mean"], out["latent_mean"])
+  z = cache.sample_latents(jnp.asarray(reloaded["latent_mean"]), jnp.asarray(reloaded["latent_logvar"]),
+                           jax.random.key(0), 0.18215)
+  assert z.shape == (2, 8, 8, 4) and bool(jnp.all(jnp.isfinite(z)))
