@@ -4,11 +4,9 @@ python -m launch.evaluate --adapter runs/x/best_adapter --split test --out runs/
   [--weights /ckpt/vit-base-patch16-224-in21k] [--data_dir ...] [--manual_dir ...]
 """
 
-import json
-
 from absl import app, flags
 
-from medpeft_jax.train import adapters_io
+from medpeft_jax.train import adapters_io, logs
 
 _ADAPTER = flags.DEFINE_string("adapter", None, "Adapter folder written by launch.train.", required=True)
 _SPLIT = flags.DEFINE_string("split", "test", "train, validation or test.")
@@ -22,11 +20,7 @@ def main(argv):
   del argv
   metrics = adapters_io.evaluate_adapter(_ADAPTER.value, _SPLIT.value, weights=_WEIGHTS.value,
                                          data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value)
-  text = json.dumps(metrics, indent=2)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      f.write(text + "\n")
-  print(text)
+  logs.print_json(metrics, _OUT.value)
 
 
 if __name__ == "__main__":

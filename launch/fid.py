@@ -5,11 +5,10 @@ Each set: a folder of same-sized images or an .npz with an `images` array (launc
 one). Prints JSON {fid, kid, kid_std, num_real, num_fake}; --out writes it too.
 """
 
-import json
-
 from absl import app, flags
 
 from medpeft_jax.diffusion.fid import compare_sets
+from medpeft_jax.train import logs
 
 _REAL = flags.DEFINE_string("real", None, "Real images: folder or .npz.", required=True)
 _FAKE = flags.DEFINE_string("fake", None, "Generated images: folder or .npz.", required=True)
@@ -21,11 +20,7 @@ _OUT = flags.DEFINE_string("out", None, "Also write the JSON here.")
 
 def main(argv):
   del argv
-  text = json.dumps(compare_sets(_REAL.value, _FAKE.value, _WEIGHTS.value, batch_size=_BATCH.value), indent=2)
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      f.write(text + "\n")
-  print(text)
+  logs.print_json(compare_sets(_REAL.value, _FAKE.value, _WEIGHTS.value, batch_size=_BATCH.value), _OUT.value)
 
 
 if __name__ == "__main__":

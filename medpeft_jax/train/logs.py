@@ -99,3 +99,12 @@ def quiet_libraries() -> None:
 def log_info(message: str, *args) -> None:
   if jax.process_index() == 0:
     logging.info(message, *args)
+
+
+def print_json(data, out: str | os.PathLike | None = None) -> str:
+  """Prints `data` as indented JSON (what the launch/ mains report) and writes it to `out` if given."""
+  text = json.dumps(_plain(data), indent=2)
+  if out:
+    pathlib.Path(out).write_text(text + "\n")
+  print(text)
+  return text
