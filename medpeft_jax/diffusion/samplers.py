@@ -53,16 +53,12 @@ def make_plan(schedule: NoiseSchedule, sampler: str, steps: int) -> Plan:
 
   if sampler == "ddim":
     t = base[::-1]
-    prev = t - ratio
-  else:  # PLMS: the second-lowest timestep is visited twice; iteration 1 steps from t+ratio to t
+  else:  # PLMS: the second-lowest timestep is visited twice
     t = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
-    prev = t - ratio
-    if len(t) > 1:
-      prev[1], t_from = t[1], t.copy()
-      t_from[1] = t[1] + ratio
-      return Plan(sampler, t.astype(np.int32), alpha_at(t_from), alpha_at(prev), schedule.prediction_type)
-  return Plan(sampler, t.astype(np.int32), alpha_at(t), alpha_at(prev), schedule.prediction_type)
-
+  t_from, prev = t.copy(), t - ratio
+  if sampler == "pndm" and len(t) > 1:  # iteration 1 steps from t + ratio to t
+    t_from[1], prev[1] = t[1] + ratio, t[1]
+  return Plan(sampler, t.astype(np.int32), alpha_at(t_from), alpha_at(prev), schedule.prediction_type)
 
 def ddim_update(sample, model_output, alpha, alpha_prev, prediction_type: str):
   """One deterministic DDIM step (eta = 0) from `sample` at alpha to alpha_prev."""

@@ -195,8 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   total_steps = config.total_steps or config.epochs * steps_per_epoch
   eval_every = config.eval_every or steps_per_epoch
   optimizer, schedule, lr = make_optimizer(config, total_steps)
-  loss_fn = classification_loss(config.label_smoothing,
-                                class_weights(train_split) if config.class_weighted else None)
+  weights = class_weights(train_split) if config.class_weighted else None
+  loss_fn = classification_loss(config.label_smoothing, weights)
   step_fn = make_train_step(model, method, optimizer, loss_fn=loss_fn,
                             update_batch_stats=config.bn_mode == "train", grad_accum=config.grad_accum,
                             jit=False)
@@ -211,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                 sum(s.spec != P() for s in leaves), len(leaves))
   key = _program_key(config, method=peft_method_name(config.method),  # scratch runs full's program
                      total_steps=total_steps, num_classes=train_split.num_classes,
-                     class_weights=class_weights(train_split).tolist() if config.class_weighted else None,
+                     class_weights=None if weights is None else weights.tolist(),
                      devices=[str(d) for d in mesh.devices.flat])
   if key in _PROGRAMS:
     _PROGRAMS.move_to_end(key)
