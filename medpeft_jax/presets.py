@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from medpeft_jax import models, peft
 
 _CNN_SSF = dict(after=r"(.*/)?([a-z]+_)?bn\d?")  # after every BatchNorm
+_CLASSIFIER_SVDIFF = dict(head=r"head/.*")  # SV-Diff (a U-Net method in the paper): shifts + a trained head
 
 PRESETS: dict[str, dict[str, dict]] = {
     "vit": {
@@ -26,18 +27,21 @@ PRESETS: dict[str, dict[str, dict]] = {
         "adaptformer": dict(bottleneck=6, scale=0.1),
         "ssf": dict(after=r"(.*/)?(query|key|value|out|fc1|fc2|norm\d?)"),
         "vpt": dict(num_tokens=10),
+        "svdiff": _CLASSIFIER_SVDIFF,
     },
     "resnet": {
         "tsa": dict(targets=r"layer\d/block\d+/conv\d"),
         "ssf": _CNN_SSF,
         "lora": dict(targets=r"layer\d/block\d+/conv\d", rank=8),
         "dora": dict(targets=r"layer\d/block\d+/conv\d", rank=8),
+        "svdiff": _CLASSIFIER_SVDIFF,
     },
     "mobilenet_v2": {
         "tsa": dict(targets=r".*(expand|project|final)_conv"),  # the pointwise convs
         "ssf": _CNN_SSF,
         "lora": dict(targets=r".*(stem|expand|project|final)_conv", rank=8),  # never the depthwise ones
         "dora": dict(targets=r".*(stem|expand|project|final)_conv", rank=8),
+        "svdiff": _CLASSIFIER_SVDIFF,
     },
 }
 
@@ -46,7 +50,8 @@ PRESETS: dict[str, dict[str, dict]] = {
 # head). Counts at SD v1.5 shapes, ours vs the paper's: bias 343,684 (0.34M: every bias, GroupNorm and
 # LayerNorm ones included), norm 200,320 (0.2M), LoRA r4 on attn1/attn2 to_q/k/v/out 797,184 (0.8M),
 # attention 267,239,360 (every parameter under `attentions_*`), DiffFit 481,284 (paper 0.58M, which is
-# ours plus the 100,160 norm biases counted a second time, once under "bias" and once under "norm").
+# ours plus the 100,160 norm biases counted a second time, once under "bias" and once under "norm"),
+# SV-Diff 222,696 (0.22M: one shift per singular value of every dense and conv kernel).
 UNET_PRESETS: dict[str, dict] = {
     "full": dict(head=None),
     "attention": dict(targets=r"(.*/)?attentions_\d+/.*", head=None),
@@ -54,6 +59,7 @@ UNET_PRESETS: dict[str, dict] = {
     "norm": dict(head=None),
     "bias_norm_attention": dict(),
     "lora": dict(targets=r".*/attn[12]/(to_q|to_k|to_v|to_out_0)", rank=4, alpha=4, head=None),
+    "svdiff": dict(),
     "difffit": dict(),
 }
 

@@ -93,7 +93,7 @@ def smoke_config(easy, model="vit_b16", method="lora", **overrides):
 
 
 METHODS = [("vit_b16", m) for m in ("full", "linear", "bias", "norm", "attention", "lora", "dora", "ssf",
-                                    "adaptformer", "vpt", "scratch")]
+                                    "adaptformer", "vpt", "svdiff", "scratch")]
 METHODS += [("resnet50", m) for m in ("bias", "norm", "ssf", "tsa")] + [("mobilenet_v2", "lora")]
 
 

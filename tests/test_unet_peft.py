@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import traverse_util
 
 from medpeft_jax import presets
 from medpeft_jax.models import unet
@@ -13,11 +14,11 @@ from medpeft_jax.models.weights.diffusers_lora import export_unet_lora
 from tests import sd_fakes
 
 FULL_SIZE = {"full": 859_520_964, "attention": 267_239_360, "bias": 343_684, "norm": 200_320,
-             "bias_norm_attention": 267_421_124, "lora": 797_184, "difffit": 481_284}
+             "bias_norm_attention": 267_421_124, "lora": 797_184, "svdiff": 222_696, "difffit": 481_284}
 
 
 def test_trainable_counts_at_sd_v15_shapes():
-  """Paper: bias 0.34M, norm 0.2M, LoRA 0.8M, DiffFit 0.58M (= ours + the norm biases counted twice)."""
+  """Paper: bias 0.34M, norm 0.2M, LoRA 0.8M, SV-Diff 0.22M, DiffFit 0.58M (= ours + the norm biases counted twice)."""
   params = jax.eval_shape(unet.UNet2DConditionModel().init, jax.random.key(0), jnp.zeros((1, 8, 8, 4)),
                           jnp.zeros((1,)), jnp.zeros((1, 77, 768)))["params"]
   counts = {name: presets.unet_method(name).count(params, jax.eval_shape(
@@ -37,12 +38,13 @@ def tiny():
   return model, jax.jit(model.init)(jax.random.key(0), *inputs)["params"], inputs
 
 
-@pytest.mark.parametrize("name", ["lora", "difffit"])
+@pytest.mark.parametrize("name", ["lora", "difffit", "svdiff"])
 def test_training_path_equals_merged_weights(tiny, name):
   model, params, inputs = tiny
   method = presets.unet_method(name)
   peft = method.init(jax.random.key(1), params)
-  # Move every trainable leaf away from its initialisation (LoRA's B = 0 and DiffFit's γ = 1 are identities).
+  # Move every trainable leaf away from its initialisation (LoRA's B = 0, DiffFit's γ = 1 and SV-Diff's
+  # δ = 0 are identities).
   leaves, tree = jax.tree.flatten(peft)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   peft = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
@@ -50,6 +52,24 @@ def test_training_path_equals_merged_weights(tiny, name):
   merged = model.apply({"params": method.merge(params, peft)}, *inputs)
   np.testing.assert_allclose(trained, merged, atol=1e-4, rtol=1e-4)
   assert not np.allclose(trained, model.apply({"params": params}, *inputs), atol=1e-3)
+
+
+def test_svdiff_rebuilds_every_kernel_and_clamps_at_zero(tiny):
+  """δ = 0 rebuilds each kernel from its frozen SVD; relu(σ + δ) clamps a spectrum shifted below 0."""
+  _, params, _ = tiny
+  method = presets.unet_method("svdiff")
+  frozen = method.frozen_state(params)
+  peft = method.init(jax.random.key(0), params)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  kernels = [p for p, x in flat.items() if p.endswith("/kernel")]
+  assert sorted(f"{m}/kernel" for m in peft["adapters"]) == sorted(kernels)
+  merged = traverse_util.flatten_dict(method.merge(params, peft, frozen), sep="/")
+  assert merged.keys() == flat.keys()  # the frozen factors never leak into the parameters
+  for p in kernels:
+    np.testing.assert_allclose(merged[p], flat[p], atol=2e-5 * float(np.abs(flat[p]).max()))
+  module = "conv_in"
+  peft["adapters"][module]["delta"] = -2 * frozen[f"{module}/svd_s"]
+  assert not np.any(method.merge(params, peft, frozen)["conv_in"]["kernel"])
 
 
 def test_selective_strategies_touch_only_their_leaves(tiny):
@@ -61,8 +81,8 @@ def test_selective_strategies_touch_only_their_leaves(tiny):
   assert all("norm" in p.rsplit("/", 2)[-2] for p in chosen["norm"])
   assert chosen["bias_norm_attention"] == chosen["attention"] | chosen["bias"] | chosen["norm"]
   assert chosen["difffit"] == chosen["bias"] | chosen["norm"]
-  with pytest.raises(ValueError, match="Unknown U-Net strategy 'svdiff'"):
-    presets.unet_method("svdiff")
+  with pytest.raises(ValueError, match="Unknown U-Net strategy 'dora'"):
+    presets.unet_method("dora")
 
 
 def test_lora_exports_to_diffusers_naming(tmp_path):

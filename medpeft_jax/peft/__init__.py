@@ -6,7 +6,7 @@
   merged_params = method.merge(variables["params"], trainable)
 """
 
-from medpeft_jax.peft import adaptformer, difffit, lora, selective, ssf, tsa, vpt  # noqa: F401  (register)
+from medpeft_jax.peft import adaptformer, difffit, lora, selective, ssf, svdiff, tsa, vpt  # noqa: F401  (register)
 from medpeft_jax.peft.adapters import Adapter, AdapterBank, load_adapter, save_adapter
 from medpeft_jax.peft.core import METHODS, MergeError, Method, ParamCount, get_method
 

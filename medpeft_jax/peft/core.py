@@ -3,6 +3,7 @@
   peft = method.init(rng, params)                        # only what trains
   out = method.apply(model, variables, peft, *inputs, train=True, mutable=["batch_stats"], ...)
   merged = method.merge(params, peft)                    # plain params, no inference overhead
+  frozen = method.frozen_state(params)                   # {} except SV-Diff: its SVD, computed once
 
 `peft` is `{"params": {path: leaf}, "adapters": {module path: {name: leaf}}}` with '/'-joined paths:
   - "params" holds trained copies of selected base leaves (the head in every method, plus what a
@@ -12,6 +13,9 @@
     (`flax.linen.intercept_methods`) and `merge` folds them into the base leaves. Training on
     activations keeps autodiff from forming any frozen kernel's weight gradient, which is the cost of
     full fine-tuning (../shared/DESIGN.md, "Train on activations, fold only to merge").
+A method may also derive non-trainable tensors from the base once (`frozen_state`: SV-Diff's singular
+vectors). Callers that step many times compute it once and pass it as `frozen=` to `apply` and
+`merge` — a non-differentiated argument like the base params; without it, they recompute it.
 
 This package knows parameter paths and pytrees, never model classes.
 """
@@ -149,6 +153,10 @@ class Method:
                      "computation that no weight can express. Keep it as an adapter "
                      "(medpeft_jax.peft.save_adapter) and apply it with method.apply.")
 
+  def frozen_state(self, params: Params) -> Flat:
+    """Non-trainable tensors derived from the base once, as extra '/'-joined leaves beside it."""
+    return {}
+
   # --- the contract ----------------------------------------------------------------------------------
   def init(self, rng: jax.Array, params: Params) -> Params:
     flat = flatten(params)
@@ -158,7 +166,7 @@ class Method:
     return {"params": {p: jnp.array(flat[p], copy=True) for p in self.trainable_paths(flat)},
             "adapters": {m: self.init_adapter(k, m, flat) for m, k in zip(modules, keys)}}
 
-  def apply(self, model, variables: Params, peft: Params, *inputs, **kwargs):
+  def apply(self, model, variables: Params, peft: Params, *inputs, frozen: Flat | None = None, **kwargs):
     """`model.apply(variables, *inputs, **kwargs)` with the method in it: pure and jit-able."""
     base = flatten(variables["params"])
     params = unflatten({**base, **peft["params"]})
@@ -166,7 +174,9 @@ class Method:
     adapters = peft["adapters"]
     if not adapters:
       return model.apply(variables, *inputs, **kwargs)
-    flat_params = {**base, **peft["params"]}
+    if frozen is None:
+      frozen = self.frozen_state(variables["params"])
+    flat_params = {**base, **frozen, **peft["params"]}
     active: set[str] = set()  # a module's __call__ may call its parent class's (wrapped) __call__
 
     def interceptor(next_fun, args, kw, context):
@@ -184,11 +194,12 @@ class Method:
     with nn.intercept_methods(interceptor):
       return model.apply(variables, *inputs, **kwargs)
 
-  def merge(self, params: Params, peft: Params) -> Params:
-    flat = {**flatten(params), **peft["params"]}
+  def merge(self, params: Params, peft: Params, frozen: Flat | None = None) -> Params:
+    frozen = self.frozen_state(params) if frozen is None else frozen
+    flat = {**flatten(params), **frozen, **peft["params"]}
     for path, adapter in peft["adapters"].items():
       flat = self.fold_adapter(flat, path, adapter)
-    return unflatten(flat)
+    return unflatten({k: v for k, v in flat.items() if k not in frozen})
 
   def count(self, params: Params, peft: Params) -> ParamCount:
     """Trainable = everything in `peft`; total = the base model plus the adapters it adds."""

@@ -57,21 +57,23 @@ softmax_cross_entropy = classification_loss()
 def make_train_step(model, method: Method, optimizer: optax.GradientTransformation, *,
                     loss_fn: Callable = softmax_cross_entropy, update_batch_stats: bool = True,
                     grad_accum: int = 1, jit: bool = True):
-  """Returns `step(state, params, batch) -> (state, metrics)`; `batch` has "image" and "label".
+  """Returns `step(state, params, batch, frozen=None) -> (state, metrics)`; `batch` has "image" and "label".
 
+  `frozen`: the method's frozen state (`method.frozen_state(params)`, SV-Diff's SVD), computed once
+  by the caller; None recomputes it inside the step (free for every method without one).
   `update_batch_stats`: BatchNorm normalises with batch statistics and updates its running ones
   (train mode); False keeps them frozen and normalises with them. `jit=False` returns the plain
   function, for callers that jit it with explicit shardings.
   """
 
-  def micro_step(peft, params, batch_stats, batch, rng):
+  def micro_step(peft, params, frozen, batch_stats, batch, rng):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     mutable = ["batch_stats"] if batch_stats and update_batch_stats else False
     train = bool(mutable) or not batch_stats
 
     def loss(peft):
       out = method.apply(model, variables, peft, batch["image"], train=train, rngs={"dropout": rng},
-                         mutable=mutable)
+                         mutable=mutable, frozen=frozen)
       logits, updates = out if mutable else (out, {"batch_stats": batch_stats})
       return loss_fn(logits, batch), (logits, updates["batch_stats"])
 
@@ -79,10 +81,13 @@ def make_train_step(model, method: Method, optimizer: optax.GradientTransformati
     correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
     return grads, value, correct, batch_stats
 
-  def step(state: TrainState, params, batch):
+  def step(state: TrainState, params, batch, frozen=None):
     rng, step_rng = jax.random.split(state.rng)
+    if frozen is None:
+      frozen = method.frozen_state(params)
     if grad_accum == 1:
-      grads, value, correct, batch_stats = micro_step(state.peft, params, state.batch_stats, batch, step_rng)
+      grads, value, correct, batch_stats = micro_step(state.peft, params, frozen, state.batch_stats, batch,
+                                                      step_rng)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
@@ -90,7 +95,7 @@ def make_train_step(model, method: Method, optimizer: optax.GradientTransformati
         grads, value, correct, batch_stats = carry
         mb, i = xs
         rng_i = jax.random.fold_in(step_rng, i)
-        g, v, c, batch_stats = micro_step(state.peft, params, batch_stats, mb, rng_i)
+        g, v, c, batch_stats = micro_step(state.peft, params, frozen, batch_stats, mb, rng_i)
         return (jax.tree.map(jnp.add, grads, g), value + v, correct + c, batch_stats), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.peft)
