@@ -20,6 +20,7 @@ import pathlib
 import subprocess
 import time
 import traceback
+from collections.abc import Callable
 
 import ml_collections
 from absl import logging
@@ -113,54 +114,73 @@ def versions() -> dict[str, str]:
   return out
 
 
-def _record(spec: RunSpec, config, workdir: pathlib.Path, wall: float, results: dict | None = None,
-            error: str | None = None) -> dict:
-  record = {**dataclasses.asdict(spec), "status": "ok" if error is None else "failed",
-            "config": config.to_dict(), "versions": versions(), "git_commit": git_commit(),
-            "workdir": str(workdir), "wall_time_s": round(wall, 2),
-            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-  if error is not None:
-    return {**record, "error": error}
-  return {**record, "dataset_size": results["dataset_size"], "metrics": results["test"],
-          "validation": results["validation"], "trainable_params": results["trainable_params"],
-          "total_params": results["total_params"], "step_time_s": results["step_time_s"],
-          "peak_memory_bytes": results["peak_memory_bytes"], "adapter_bytes": results["adapter_bytes"],
-          "checkpoint_sha256": checkpoint_hashes(config.weights)}
+def base_record(spec: RunSpec, config, workdir: pathlib.Path, wall: float) -> dict:
+  """What every record holds: the run's coordinates, config, software versions and timing."""
+  return {**dataclasses.asdict(spec), "status": "ok", "config": config.to_dict(), "versions": versions(),
+          "git_commit": git_commit(), "workdir": str(workdir), "wall_time_s": round(wall, 2),
+          "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+class Sweep:
+  """Runs each spec once: finished runs (in results.jsonl) are skipped, a failure is recorded and the
+  sweep goes on, every record is appended as soon as its run ends."""
+
+  def __init__(self, workdir, total: int):
+    self.workdir = pathlib.Path(workdir)
+    self.store = ResultsStore(self.workdir / "results.jsonl")
+    self.finished = self.store.finished()
+    self.bar = tqdm(total=total, desc="sweep", unit="run")
+
+  def run(self, spec: RunSpec, config, execute: Callable[[pathlib.Path], dict],
+          summary: Callable[[dict], str]) -> dict:
+    """`execute(folder)` does the run and returns its record fields; `summary(record)` is its log line."""
+    self.bar.set_postfix_str(f"{spec.model} {spec.dataset} {spec.method} r{spec.regime:g} s{spec.seed}")
+    if spec.key() in self.finished:
+      self.bar.update(1)
+      return self.finished[spec.key()]
+    folder = self.workdir / "runs" / spec.folder()
+    start = time.perf_counter()
+    try:
+      fields = execute(folder)
+      record = {**base_record(spec, config, folder, time.perf_counter() - start), **fields}
+      self.bar.write(f"{spec.kind:9s} {spec.model} {spec.dataset} {spec.method} regime {spec.regime:g} seed "
+                     f"{spec.seed} lr {spec.lr:g}: {summary(record)} ({record['wall_time_s']:.0f} s)")
+    except Exception as e:  # noqa: BLE001  (a failed run is a result, not the end of the sweep)
+      logging.error("Run %s failed:\n%s", spec, traceback.format_exc())
+      record = {**base_record(spec, config, folder, time.perf_counter() - start), "status": "failed",
+                "error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"}
+      self.bar.write(f"FAILED {spec}: {type(e).__name__}: {e}")
+    self.store.append(record)
+    self.bar.update(1)
+    return record
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def _classification_fields(config, results: dict) -> dict:
+  return {"dataset_size": results["dataset_size"], "metrics": results["test"], "validation": results["validation"],
+          "trainable_params": results["trainable_params"], "total_params": results["total_params"],
+          "step_time_s": results["step_time_s"], "peak_memory_bytes": results["peak_memory_bytes"],
+          "adapter_bytes": results["adapter_bytes"], "checkpoint_sha256": checkpoint_hashes(config.weights)}
 
 
 def run_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
   """Runs every missing run of the sweep into `workdir` (results.jsonl + runs/); returns the records."""
-  workdir = pathlib.Path(workdir)
-  store = ResultsStore(workdir / "results.jsonl")
-  finished = store.finished()
+  if bench.get("task", "classification") == "t2i":
+    from medpeft_jax.bench import t2i  # noqa: PLC0415  (it builds on this module)
+    return t2i.run_t2i_sweep(bench, workdir)
   largest = max(bench.regimes)
   cells = [(m, d, meth) for m in bench.models for d in bench.datasets for meth in bench.methods]
   searches = {cell: lr_candidates(bench, cell[2]) for cell in cells}
   total = sum((len(c) if len(c) > 1 else 0) + len(bench.regimes) * len(bench.seeds) for c in searches.values())
-  bar = tqdm(total=total, desc="sweep", unit="run")
+  sweep = Sweep(workdir, total)
 
   def run(spec: RunSpec) -> dict:
-    bar.set_postfix_str(f"{spec.model} {spec.dataset} {spec.method} r{spec.regime:g} s{spec.seed}")
-    if spec.key() in finished:
-      bar.update(1)
-      return finished[spec.key()]
-    config, folder = run_config(bench, spec), workdir / "runs" / spec.folder()
-    start = time.perf_counter()
-    try:
-      record = _record(spec, config, folder, time.perf_counter() - start,
-                       results=trainer.train_and_evaluate(config, folder))
-      record["wall_time_s"] = round(time.perf_counter() - start, 2)
-      bar.write(f"{spec.kind:9s} {spec.model} {spec.dataset} {spec.method} regime {spec.regime:g} seed "
-                f"{spec.seed} lr {spec.lr:g}: test macro-F1 {record['metrics']['f1_macro']:.4f} "
-                f"({record['wall_time_s']:.0f} s)")
-    except Exception as e:  # noqa: BLE001  (a failed run is a result, not the end of the sweep)
-      logging.error("Run %s failed:\n%s", spec, traceback.format_exc())
-      record = _record(spec, config, folder, time.perf_counter() - start,
-                       error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
-      bar.write(f"FAILED {spec}: {type(e).__name__}: {e}")
-    store.append(record)
-    bar.update(1)
-    return record
+    config = run_config(bench, spec)
+    return sweep.run(spec, config,
+                     lambda folder: _classification_fields(config, trainer.train_and_evaluate(config, folder)),
+                     lambda record: f"test macro-F1 {record['metrics']['f1_macro']:.4f}")
 
   records = []
   for model, dataset, method in cells:
@@ -176,5 +196,5 @@ def run_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
     for regime in bench.regimes:
       for seed in bench.seeds:
         records.append(run(RunSpec("final", model, method, dataset, float(regime), int(seed), lr)))
-  bar.close()
+  sweep.close()
   return records

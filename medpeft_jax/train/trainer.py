@@ -40,21 +40,39 @@ DEFAULT_LR = {"full": 1e-4}
 PEFT_LR = 1e-3
 
 
+class ProgramCache:
+  """In-process cache of a trainer's compiled programs, keyed by its config minus `not_in_program`.
+
+  A sweep's runs that differ only in regime or seed then trace and compile once (tracing a model's
+  train step costs seconds). The key holds every other config field, including any added later, plus
+  values derived from the data. Two entries: the sweep runner finishes one (model, method) before the next.
+  """
+
+  def __init__(self, not_in_program: frozenset, size: int = 2):
+    self.not_in_program, self.size = not_in_program, size
+    self._entries: collections.OrderedDict = collections.OrderedDict()
+
+  def key(self, config, **derived) -> str:
+    fields = {k: v for k, v in config.to_dict().items() if k not in self.not_in_program}
+    return json.dumps({**fields, **derived}, sort_keys=True, default=str)
+
+  def get(self, key: str):
+    if key in self._entries:
+      self._entries.move_to_end(key)
+      logs.log_info("Reusing the programs compiled for an earlier run of the same configuration.")
+    return self._entries.get(key)
+
+  def put(self, key: str, programs) -> None:
+    self._entries[key] = programs
+    while len(self._entries) > self.size:
+      self._entries.popitem(last=False)
+
+
 # Config fields that never enter the compiled programs: where the data and weights are (their values
-# are arguments), the regime and seed, and bookkeeping. Every other field, including any added later,
-# is part of a program's cache key, with the values derived from the data (steps, classes, weights).
-_NOT_IN_PROGRAM = frozenset({"regime", "seed", "weights", "dataset", "data_dir", "manual_dir", "dataset_options",
-                             "workers", "epochs", "total_steps", "num_classes", "eval_every", "checkpoint_every",
-                             "keep_checkpoints", "log_every", "progress"})
-# In-process cache of (compiled train step, jitted predict): a sweep's runs that differ
-# only in regime or seed trace and compile once (tracing a CNN's train step costs seconds). Two entries:
-# the sweep runner finishes one (model, method) before the next.
-_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
-
-
-def _program_key(config, **derived) -> str:
-  fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_PROGRAM}
-  return json.dumps({**fields, **derived}, sort_keys=True, default=str)
+# are arguments), the regime and seed, and bookkeeping.
+_PROGRAMS = ProgramCache(frozenset({
+    "regime", "seed", "weights", "dataset", "data_dir", "manual_dir", "dataset_options", "workers", "epochs",
+    "total_steps", "num_classes", "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "progress"}))
 
 
 def default_lr(method: str) -> float:
@@ -109,7 +127,7 @@ def memory_bytes(compiled) -> int:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-class _Checkpoints:
+class Checkpoints:
   """Synchronous orbax checkpoints of the train state plus JSON extras (iterator state, best)."""
 
   def __init__(self, directory: pathlib.Path, keep: int):
@@ -130,12 +148,58 @@ class _Checkpoints:
     return out["state"], out["extra"]
 
 
-def make_predict(model, method):
-  """A jitted `(peft, params, batch_stats, images) -> class probabilities` (eval mode)."""
+class StepMetrics:
+  """The metrics of steps dispatched but not yet read back, so the host prepares the next batch meanwhile.
 
-  def predict(peft_params, params, batch_stats, images):
+  `read_back()` (at log, evaluation and checkpoint steps) logs them, stops at the first non-finite
+  loss naming its step and the last good checkpoint (before any checkpoint is written after it), and
+  times the loop's pace per step (input pipeline included; evaluation and saving excluded).
+  """
+
+  def __init__(self, logger: logs.RunLogger, bar, *, log_every: int, total_steps: int, lr_at, last_good,
+               checkpoint_dir: pathlib.Path, hint: str):
+    self.logger, self.bar, self.log_every, self.total_steps, self.lr_at = logger, bar, log_every, total_steps, lr_at
+    self.last_good, self.checkpoint_dir, self.hint = last_good, checkpoint_dir, hint
+    self.pending: list = []
+    self.step_times: list[float] = []  # seconds per step of each read-back window
+    self.window_start = time.perf_counter()
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def read_back(self) -> None:
+    for at, metrics in self.pending:
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        self.bar.close()
+        raise FloatingPointError(
+            f"Non-finite training loss ({loss}) at step {at}. Stopped; the last good checkpoint "
+            f"(step {self.last_good}) is kept in {self.checkpoint_dir}. {self.hint}")
+      if at % self.log_every == 0 or at == self.total_steps:
+        self.logger.write(at, "train", {**{k: float(v) for k, v in metrics.items()}, "lr": self.lr_at(at)})
+    if self.pending:
+      now = time.perf_counter()
+      self.step_times.append((now - self.window_start) / len(self.pending))
+      self.window_start = now
+      self.bar.set_postfix(loss=f"{loss:.4f}")
+    self.pending.clear()
+
+  def saved(self, step: int) -> None:
+    """A checkpoint at `step` was written: the next good state to point to, and a fresh timing window."""
+    self.last_good = step
+    self.window_start = time.perf_counter()
+
+  def step_time(self) -> float | None:
+    """Median seconds per step over the read-back windows (the first, with compilation warm-up, dropped)."""
+    return statistics.median(self.step_times[1:] or self.step_times) if self.step_times else None
+
+
+def make_predict(model, method):
+  """A jitted `(peft, params, batch_stats, images, frozen=None) -> class probabilities` (eval mode)."""
+
+  def predict(peft_params, params, batch_stats, images, frozen=None):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    logits = method.apply(model, variables, peft_params, images, train=False)
+    logits = method.apply(model, variables, peft_params, images, train=False, frozen=frozen)
     return jax.nn.softmax(logits.astype(jnp.float32))
 
   return jax.jit(predict)
@@ -204,44 +268,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   params = variables["params"]
   state = init_train_state(method, variables, optimizer, jax.random.PRNGKey(config.seed))
   shard = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=config.mesh.min_shard_size)
-  state_sh, params_sh = shard(state), shard(params)
-  state, params = jax.device_put(state, state_sh), jax.device_put(params, params_sh)
+  frozen = method.frozen_state(params)  # {} except for SV-Diff
+  state_sh, params_sh, frozen_sh = shard(state), shard(params), shard(frozen)
+  state, params, frozen = (jax.device_put(state, state_sh), jax.device_put(params, params_sh),
+                           jax.device_put(frozen, frozen_sh))
   leaves = jax.tree.leaves((state_sh, params_sh))
   logs.log_info("Mesh %s; %d of %d state and parameter leaves sharded over 'fsdp'.", dict(mesh.shape),
                 sum(s.spec != P() for s in leaves), len(leaves))
-  key = _program_key(config, method=peft_method_name(config.method),  # scratch runs full's program
-                     total_steps=total_steps, num_classes=train_split.num_classes,
-                     class_weights=None if weights is None else weights.tolist(),
-                     devices=[str(d) for d in mesh.devices.flat])
-  if key in _PROGRAMS:
-    _PROGRAMS.move_to_end(key)
-    (train_step, predict), compile_s = _PROGRAMS[key], 0.0
-    logs.log_info("Reusing the train step compiled for an earlier run of the same program.")
+  key = _PROGRAMS.key(config, method=peft_method_name(config.method),  # scratch runs full's program
+                      total_steps=total_steps, num_classes=train_split.num_classes,
+                      class_weights=None if weights is None else weights.tolist(),
+                      devices=[str(d) for d in mesh.devices.flat])
+  cached = _PROGRAMS.get(key)
+  if cached:
+    (train_step, predict), compile_s = cached, 0.0
   else:
     batch_sh = sharding.batch_sharding(mesh)
     batch_spec = {
         "image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
         "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh)}
     start = time.perf_counter()
-    train_step = jax.jit(step_fn, in_shardings=(state_sh, params_sh, batch_sh),
+    train_step = jax.jit(step_fn, in_shardings=(state_sh, params_sh, batch_sh, frozen_sh),
                          out_shardings=(state_sh, replicated), donate_argnums=0).lower(
-                             state, params, batch_spec).compile()
+                             state, params, batch_spec, frozen).compile()
     compile_s = time.perf_counter() - start
     logs.log_info("Compiled the train step in %.1f s (XLA memory estimate %.0f MiB).", compile_s,
                   memory_bytes(train_step) / 2**20)
     predict = make_predict(model, method)
-    _PROGRAMS[key] = train_step, predict
-    while len(_PROGRAMS) > 2:
-      _PROGRAMS.popitem(last=False)
+    _PROGRAMS.put(key, (train_step, predict))
 
-  evaluate = functools.partial(evaluate_split, predict, image_size=size, spec=spec, mesh=mesh,
+  evaluate = functools.partial(evaluate_split, functools.partial(predict, frozen=frozen), image_size=size,
+                               spec=spec, mesh=mesh,
                                batch_size=config.eval_batch_size or config.batch_size, workers=config.workers)
   count = method.count(params, state.peft)
   logs.log_info("%s + %s on %s (regime %s: %d training images, %d steps of %d): %s\n%s", config.model,
                 config.method, config.dataset, config.regime, len(train_split), total_steps,
                 config.batch_size, count, logs.parameter_overview(params, state.peft))
 
-  checkpoints = _Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
+  checkpoints = Checkpoints(workdir / "checkpoints", config.keep_checkpoints)
   loader = data.train_loader(train_split, image_size=size, mean=spec.mean, std=spec.std,
                              batch_size=config.batch_size, seed=config.seed, worker_count=config.workers)
   iterator = iter(loader)
@@ -256,43 +320,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     logs.log_info("Resumed from the checkpoint at step %d.", latest)
 
   step = int(state.step)
-  step_times = []  # seconds per step of each read-back window (the loop's pace, input pipeline included)
   bar = tqdm(total=total_steps, initial=step, desc=f"{config.method} {config.dataset}", unit="step",
              disable=jax.process_index() != 0 or not config.progress)
-  last_good = latest
-  pending = []  # (step, metrics) dispatched but not read back: the host prepares the next batch meanwhile
-  window_start = time.perf_counter()
-
-  def read_back():
-    """Reads the pending steps' metrics; stops at the first non-finite loss, before any checkpoint."""
-    nonlocal window_start
-    for at, metrics in pending:
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        bar.close()
-        raise FloatingPointError(
-            f"Non-finite training loss ({loss}) at step {at}. Stopped; the last good checkpoint "
-            f"(step {last_good}) is kept in {workdir / 'checkpoints'}. Lower the learning rate "
-            f"(was {lr:g}) or enable gradient clipping.")
-      if at % config.log_every == 0 or at == total_steps:
-        logger.write(at, "train", {**{k: float(v) for k, v in metrics.items()}, "lr": float(schedule(at - 1))})
-    if pending:
-      now = time.perf_counter()
-      step_times.append((now - window_start) / len(pending))
-      window_start = now
-      bar.set_postfix(loss=f"{loss:.4f}")
-    pending.clear()
+  pending = StepMetrics(logger, bar, log_every=config.log_every, total_steps=total_steps,
+                        lr_at=lambda at: float(schedule(at - 1)), last_good=latest,
+                        checkpoint_dir=workdir / "checkpoints", hint=f"Lower the learning rate (was {lr:g}) or "
+                                                                    "enable gradient clipping.")
 
   while step < total_steps:
     batch = sharding.global_batch(next(iterator), mesh)
-    state, metrics = train_step(state, params, batch)
+    state, metrics = train_step(state, params, batch, frozen)
     step += 1
-    pending.append((step, metrics))
+    pending.add(step, metrics)
     bar.update(1)
     evaluating = step % eval_every == 0 or step == total_steps
     checkpointing = evaluating or step % config.checkpoint_every == 0
     if step % config.log_every == 0 or checkpointing:
-      read_back()
+      pending.read_back()
     if evaluating:
       val = evaluate(state.peft, params, state.batch_stats, val_split)
       logger.write(step, "validation", val)
@@ -305,8 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         multihost_utils.sync_global_devices("best adapter saved")
     if checkpointing:
       checkpoints.save(step, state, {"iterator": iterator.get_state().decode(), "best": best})
-      last_good = step
-      window_start = time.perf_counter()  # evaluation and saving are not training steps
+      pending.saved(step)
   bar.close()
 
   adapter = peft.load_adapter(workdir / "best_adapter")
@@ -317,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
       "dataset_size": len(train_split), "regime": config.regime, "seed": config.seed, "lr": lr,
       "best_step": best["step"], "validation": best["validation"], "test": test,
       "trainable_params": count.trainable, "total_params": count.total,
-      "step_time_s": statistics.median(step_times[1:] or step_times) if step_times else None,
+      "step_time_s": pending.step_time(),
       "peak_memory_bytes": memory_bytes(train_step), "compile_time_s": compile_s,
       "adapter_bytes": (workdir / "best_adapter" / peft.adapters.WEIGHTS).stat().st_size,
   }
