@@ -37,3 +37,13 @@ def easy(tmp_path_factory):
   paths = {"manual_dir": str(root), "data_dir": str(tmp_path_factory.mktemp("easy_tfds"))}
   data.load("image_folder", **paths)
   return paths
+
+
+@pytest.fixture(scope="session")
+def br35h_data_dir(tmp_path_factory):
+  """Br35H built once (stored at max side 128, as the notebook and the main job build it)."""
+  from medpeft_jax import data  # noqa: PLC0415
+
+  data_dir = tmp_path_factory.mktemp("br35h_tfds")
+  data.load("br35h", data_dir=data_dir, max_side=128)
+  return data_dir

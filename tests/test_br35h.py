@@ -13,8 +13,8 @@ from medpeft_jax.data import splits
 
 
 @pytest.fixture(scope="module")
-def br35h(tmp_path_factory):
-  builder = data.load("br35h", data_dir=tmp_path_factory.mktemp("br35h_tfds"))
+def br35h(br35h_data_dir):
+  builder = data.load("br35h", data_dir=br35h_data_dir, max_side=128)
   records = {}
   for split in ("train", "validation", "test"):
     src = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
