@@ -38,12 +38,12 @@ def write_tokenizer(folder: pathlib.Path) -> int:
   return len(vocab)
 
 
-def write_pipeline(folder: pathlib.Path) -> dict:
+def write_pipeline(folder: pathlib.Path, **unet_overrides) -> dict:
   """Writes unet/, vae/, text_encoder/, tokenizer/, scheduler/; returns the torch modules."""
 
   vocab_size = write_tokenizer(folder / "tokenizer")
   torch.manual_seed(0)
-  unet = randomise(diffusers.UNet2DConditionModel(**UNET), seed=1)
+  unet = randomise(diffusers.UNet2DConditionModel(**{**UNET, **unet_overrides}), seed=1)
   vae = randomise(diffusers.AutoencoderKL(**VAE), seed=2)
   text = randomise(transformers.CLIPTextModel(transformers.CLIPTextConfig(
       vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,

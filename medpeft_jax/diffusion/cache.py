@@ -5,31 +5,68 @@ reads `latent_mean`/`latent_logvar` (N, size/8, size/8, 4), samples a latent per
 `text` (N, 77, D). Arrays are `.npy` files (float16 for the text states, float32 for the latents),
 memory-mapped, so the cache may exceed RAM; `meta.json` records what built it.
 
-  cache = encode_split(sd, builder.as_data_source("train"), "runs/mimic_cache/train", size=224)
+  cache = encode_split(sd, PromptSource(builder, "train"), "runs/mimic_cache/train", size=224)
+  cache = cached_split(builder, "train", pipeline=folder, size=224, cache_dir="~/medpeft_cache")  # once
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import pathlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow_datasets as tfds
 from PIL import Image
 from tqdm import tqdm
 
 from medpeft_jax.data.transforms import resize_center_crop, to_rgb
 
 
-def _image(record, size: int) -> np.ndarray:
+def _pixels(record, size: int) -> np.ndarray:
+  """The record's image, resized and centre-cropped to size x size RGB (uint8)."""
   image = record["image"]
   if isinstance(image, bytes):
     image = np.asarray(Image.open(io.BytesIO(image)))
-  pixels = resize_center_crop(to_rgb(Image.fromarray(np.asarray(image))), size, resize=size)
-  return pixels.astype(np.float32) / 127.5 - 1.0  # [-1, 1], the VAE's input range
+  return np.asarray(resize_center_crop(to_rgb(Image.fromarray(np.asarray(image))), size, resize=size))
+
+
+def _image(record, size: int) -> np.ndarray:
+  return _pixels(record, size).astype(np.float32) / 127.5 - 1.0  # [-1, 1], the VAE's input range
+
+
+class PromptSource:
+  """{"image": encoded bytes, "prompt": str} records of a built split.
+
+  The prompt is the dataset's own `prompt` feature (MIMIC-CXR's report), else `caption` formatted
+  with the record's class name (`"a brain MRI: {label}"`), so any labelled dataset can serve.
+  """
+
+  def __init__(self, builder, split: str, caption: str = "{label}"):
+    features = builder.info.features
+    if "prompt" not in features and "label" not in features:
+      raise ValueError(f"{builder.name} has neither a `prompt` nor a `label` feature to caption its images.")
+    self.names = features["label"].names if "prompt" not in features else None
+    self.caption = caption
+    self.source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict:
+    record = self.source[int(i)]
+    prompt = _text(record) if self.names is None else self.caption.format(label=self.names[record["label"]])
+    return {"image": record["image"], "prompt": prompt}
+
+
+def uint8_images(source, indices, size: int) -> np.ndarray:
+  """(len(indices), size, size, 3) uint8: the records' images resized and centre-cropped (FID's real set)."""
+  return np.stack([_pixels(source[int(i)], size) for i in indices])
 
 
 def _text(record) -> str:
@@ -73,6 +110,20 @@ def encode_split(sd, source, out: str | os.PathLike, *, size: int = 224, batch_s
   (out / "meta.json").write_text(json.dumps({"examples": n, "size": size, "latent_side": side,
                                              "scaling_factor": sd.vae.model.config.scaling_factor}, indent=2) + "\n")
   return load_cache(out)
+
+
+def cached_split(builder, split: str, *, pipeline: str | os.PathLike, size: int, cache_dir: str | os.PathLike,
+                 load_sd: Callable, caption: str = "{label}", batch_size: int = 16) -> dict:
+  """The encoded split, built on first use under `cache_dir` (keyed by dataset, split, size, pipeline, caption).
+
+  `load_sd()` returns the StableDiffusion used to encode; it is called only when the cache is missing.
+  """
+  key = json.dumps([str(pathlib.Path(pipeline).expanduser().resolve()), caption])
+  name = f"{split}_{size}px_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+  folder = pathlib.Path(cache_dir).expanduser() / builder.info.full_name.replace("/", "_") / name
+  if not (folder / "meta.json").is_file():
+    encode_split(load_sd(), PromptSource(builder, split, caption), folder, size=size, batch_size=batch_size)
+  return load_cache(folder)
 
 
 def load_cache(folder: str | os.PathLike) -> dict:
