@@ -108,6 +108,6 @@ def run_t2i_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
               **{k: results[k] for k in ("trainable_params", "total_params", "step_time_s", "peak_memory_bytes",
                                          "adapter_bytes", "probe_loss_start", "probe_loss_end")}}
 
-    records.append(sweep.run(spec, config, execute, lambda r: f"FID {r['metrics']['fid']:.2f}"))
+    records.append(sweep.run(spec, config, execute, lambda r: f"FID {r['metrics']['fid']:.4g}"))
   sweep.close()
   return records
