@@ -49,7 +49,7 @@ def test_compare_sets_from_folders_and_npz(tmp_path):
   """launch.fid's library path: PNG folder vs .npz, FID/KID equal to the maths on the same features."""
   torch.save(fid_inception_without_download().state_dict(), tmp_path / "w.pth")
   rng = np.random.default_rng(1)
-  real = rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
+  real = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)  # the t2i smoke size: one Inception program
   fake = np.clip(real.astype(int) + 40, 0, 255).astype(np.uint8)
   (tmp_path / "real").mkdir()
   for i, image in enumerate(real):

@@ -25,6 +25,7 @@ def _randomise(tree, key, scale):
 
 
 @functools.cache
+@functools.cache  # built once per family (tests never mutate it)
 def tiny(family):
   """A tiny model with every parameter and BatchNorm statistic random (no identity norms, zero heads)."""
   name, overrides, size = TINY[family]

@@ -175,16 +175,16 @@ def test_unet_remat_and_bfloat16():
   model, remat = unet.UNet2DConditionModel(config), unet.UNet2DConditionModel(config, remat=True)
   rng = np.random.default_rng(0)
   x, context = rng.standard_normal((1, 8, 8, 4), dtype=np.float32), rng.standard_normal((1, 5, 32), dtype=np.float32)
-  params = model.init(jax.random.key(0), x, 500, context)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), x, 500, context)["params"]
 
   def grads(m):
     return jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x, 500, context) ** 2)))(params)
 
   for a, b in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(remat))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  out = unet.UNet2DConditionModel(config, dtype=jnp.bfloat16).apply({"params": params}, x, 500, context)
+  out = jax.jit(unet.UNet2DConditionModel(config, dtype=jnp.bfloat16).apply)({"params": params}, x, 500, context)
   assert out.dtype == jnp.float32
-  np.testing.assert_allclose(out, model.apply({"params": params}, x, 500, context), atol=0.1, rtol=0.1)
+  np.testing.assert_allclose(out, jax.jit(model.apply)({"params": params}, x, 500, context), atol=0.1, rtol=0.1)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])

@@ -155,7 +155,7 @@ def train_t2i(config: ml_collections.ConfigDict, workdir) -> dict:
                    jax.tree.map(jnp.copy, trainable) if config.ema_decay else {}, rng)
   shard = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=config.mesh.min_shard_size)
   start = time.perf_counter()
-  frozen = method.frozen_state(params)
+  frozen = jax.jit(method.frozen_state)(params)  # one program for all the decompositions
   if frozen:
     logs.log_info("%s frozen state (%d tensors) computed in %.1f s.", config.method, len(frozen),
                   time.perf_counter() - start)

@@ -268,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   params = variables["params"]
   state = init_train_state(method, variables, optimizer, jax.random.PRNGKey(config.seed))
   shard = functools.partial(sharding.tree_shardings, mesh=mesh, min_size=config.mesh.min_shard_size)
-  frozen = method.frozen_state(params)  # {} except for SV-Diff
+  frozen = jax.jit(method.frozen_state)(params)  # {} except for SV-Diff
   state_sh, params_sh, frozen_sh = shard(state), shard(params), shard(frozen)
   state, params, frozen = (jax.device_put(state, state_sh), jax.device_put(params, params_sh),
                            jax.device_put(frozen, frozen_sh))
