@@ -11,6 +11,7 @@ so launch.report ranks it, lower first. Sample sets already written are reused o
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import ml_collections
@@ -88,8 +89,11 @@ def run_t2i_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
   model, = bench.models
   cells = [(d, m, r, s) for d in bench.datasets for m in bench.methods for r in bench.regimes for s in bench.seeds]
   sweep = Sweep(workdir, len(cells))
-  inception = load_fid_inception(bench.fid.weights)[:2]
-  sd = StableDiffusion.load(bench.pipeline)
+
+  @functools.cache  # loaded by the first run that is not finished yet: a re-run of a done sweep loads nothing
+  def scorers():
+    return StableDiffusion.load(bench.pipeline), load_fid_inception(bench.fid.weights)[:2]
+
   reals: dict[str, RealSet] = {}
   records = []
   for dataset, method, regime, seed in cells:
@@ -99,6 +103,7 @@ def run_t2i_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
 
     def execute(folder: pathlib.Path, config=config, dataset=dataset) -> dict:
       results = t2i.train_t2i(config, folder / "train")
+      sd, inception = scorers()
       if dataset not in reals:
         reals[dataset] = RealSet(bench, dataset, workdir / "fid_real", inception)
       adapter = peft.load_adapter(folder / "train" / "adapter")

@@ -6,7 +6,8 @@ reads `latent_mean`/`latent_logvar` (N, size/8, size/8, 4), samples a latent per
 memory-mapped, so the cache may exceed RAM; `meta.json` records what built it.
 
   cache = encode_split(sd, PromptSource(builder, "train"), "runs/mimic_cache/train", size=224)
-  cache = cached_split(builder, "train", pipeline=folder, size=224, cache_dir="~/medpeft_cache")  # once
+  cache = cached_split(builder, "train", pipeline=folder, size=224, cache_dir="~/medpeft_cache",
+                       load_sd=lambda: StableDiffusion.load(folder))  # encodes on first use only
 """
 
 from __future__ import annotations
