@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from medpeft_jax import models, presets
+from medpeft_jax.train.programs import xla_memory_estimate
 from medpeft_jax.train.step import init_train_state, make_train_step
 
 
@@ -24,9 +25,7 @@ def measure(model_name: str, method_name: str, batch: int, size: int, steps: int
   start = time.perf_counter()
   compiled = make_train_step(model, method, optimizer).lower(state, variables["params"], batch_data).compile()
   compile_s = time.perf_counter() - start
-  mem = compiled.memory_analysis()
-  memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes)
+  memory = xla_memory_estimate(compiled)
   times = []
   for i in range(steps + 1):
     start = time.perf_counter()
@@ -34,6 +33,6 @@ def measure(model_name: str, method_name: str, batch: int, size: int, steps: int
     jax.block_until_ready(metrics["loss"])
     if i:  # the first call is a warm-up
       times.append(time.perf_counter() - start)
-  count = method.count(variables["params"], state.peft)
+  count = method.count(variables["params"], state.trainable)
   return {"step_s": statistics.median(times), "memory": memory, "compile_s": compile_s,
           "trainable": count.trainable}

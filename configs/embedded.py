@@ -29,7 +29,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
   c = bench.sweep(["mobilenet_v2"], METHODS, ["br35h"], [0.05, 0.2, 1.0], [0])
   c.weights["mobilenet_v2"] = str(assets.asset_path("mobilenet_v2_imagenet"))
-  c.dataset_options["br35h"] = {"max_side": 128}  # decoding 128 px JPEGs keeps the input pipeline fast
+  c.dataset_options.br35h.max_side = 128  # decoding 128 px JPEGs keeps the input pipeline fast
   c.lr.update(LEARNING_RATES)
   c.run.image_size = 64
   c.run.batch_size = 32

@@ -8,11 +8,10 @@ import pathlib
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
-from medpeft_jax import bench
+from medpeft_jax import bench, config_args
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file and argument.", lock_config=True)
+_CONFIG = config_args.define_config_file("config", "Sweep config file and argument.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "results.jsonl, runs/ and report/ go here.", required=True)
 
 

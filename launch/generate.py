@@ -34,7 +34,7 @@ def main(argv):
   unet_params = None
   if _ADAPTER.value:
     adapter = peft.load_adapter(_ADAPTER.value)
-    unet_params = adapter.method.merge(sd.unet.params, adapter.peft)
+    unet_params = adapter.method.merge(sd.unet.params, adapter.trainable)
   generate_to_folder(sd, prompts, _OUT.value, steps=_STEPS.value, guidance=_GUIDANCE.value, size=_SIZE.value,
                      seed=_SEED.value, sampler=_SAMPLER.value, batch_size=_BATCH.value, unet_params=unet_params)
   print(f"Wrote {len(prompts)} images to {_OUT.value}")

@@ -4,11 +4,10 @@ python -m launch.params --config configs/classify.py:model=vit_b16,method=lora,n
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from medpeft_jax import presets
+from medpeft_jax import config_args, presets
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument.", lock_config=True)
+_CONFIG = config_args.define_config_file("config", "Config file and argument.")
 
 
 def main(argv):

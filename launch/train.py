@@ -10,11 +10,11 @@ import json
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
+from medpeft_jax import config_args
 from medpeft_jax.train import trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument.", lock_config=True)
+_CONFIG = config_args.define_config_file("config", "Config file and argument.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and results go here.", required=True)
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0, for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")

@@ -9,11 +9,11 @@ Re-running the same command resumes from the last checkpoint in --workdir. Sampl
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
+from medpeft_jax import config_args
 from medpeft_jax.train import logs, t2i
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument.", lock_config=True)
+_CONFIG = config_args.define_config_file("config", "Config file and argument.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs, the adapter and results go here.", required=True)
 
 

@@ -11,6 +11,13 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class UnknownNameError(KeyError, ValueError):
+  """A name no registry (or preset table) knows; the message lists the valid ones."""
+
+  def __str__(self) -> str:  # KeyError would print the message quoted
+    return str(self.args[0]) if self.args else ""
+
+
 class Registry(Generic[T]):
   """A mapping from names to objects, filled by the `register` decorator."""
 
@@ -34,7 +41,7 @@ class Registry(Generic[T]):
       return self._items[name]
     except KeyError:
       valid = ", ".join(sorted(self._items))
-      raise KeyError(f"Unknown {self.kind} {name!r}; valid names: {valid}.") from None
+      raise UnknownNameError(f"Unknown {self.kind} {name!r}; valid names: {valid}.") from None
 
   def names(self) -> list[str]:
     return sorted(self._items)

@@ -52,7 +52,7 @@ def test_smoke_sweep_resumes_and_reports(easy, tmp_path):
   assert len(searched) == 1 and searched <= {1e-3, 3e-3}
   assert {r["dataset_size"] for r in final} == {27, 54}
   r = final[0]
-  for field in ("metrics", "trainable_params", "total_params", "step_time_s", "peak_memory_bytes", "adapter_bytes",
+  for field in ("metrics", "trainable_params", "total_params", "step_time_s", "xla_memory_estimate_bytes", "adapter_bytes",
                 "versions", "config"):
     assert field in r, field
   assert {"f1_macro", "accuracy", "balanced_accuracy", "auc"} <= set(r["metrics"])

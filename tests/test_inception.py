@@ -9,7 +9,7 @@ from pytorch_fid import inception as pytorch_fid_inception
 from torchvision.models.inception import Inception3
 
 from medpeft_jax.diffusion import fid
-from medpeft_jax.models.inception import load_fid_inception
+from medpeft_jax.models.weights.inception import load_fid_inception
 from tests.helpers import randomise
 
 

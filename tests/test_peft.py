@@ -113,7 +113,7 @@ def test_gradients_reach_only_trainable_leaves(family, name, kw):
   method = peft.get_method(name, **kw)
   optimizer = optax.adam(1e-2)
   state = init_train_state(method, variables, optimizer, jax.random.key(5))
-  before = jax.tree.map(np.asarray, state.peft)
+  before = jax.tree.map(np.asarray, state.trainable)
   params = variables["params"]
   frozen = jax.tree.map(np.asarray, params)
   step = make_train_step(model, method, optimizer)
@@ -123,8 +123,8 @@ def test_gradients_reach_only_trainable_leaves(family, name, kw):
   assert np.isfinite(float(metrics["loss"]))
   # Optimizer state exists only for the trainable leaves.
   mu = state.opt_state[0].mu
-  assert jax.tree.structure(mu) == jax.tree.structure(state.peft)
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, state.peft)
+  assert jax.tree.structure(mu) == jax.tree.structure(state.trainable)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), before, state.trainable)
   assert all(jax.tree.leaves(changed)), changed
   jax.tree.map(np.testing.assert_array_equal, frozen, jax.tree.map(np.asarray, params))
 

@@ -15,7 +15,7 @@ import torchvision
 import transformers
 
 from medpeft_jax import models, peft
-from medpeft_jax.models.weights.hf_peft import load_hf_peft_lora
+from medpeft_jax.peft.interop.hf_peft import load_hf_peft_lora
 from medpeft_jax.train.step import init_train_state, make_train_step
 from tests.helpers import random_images, randomise, torch_logits
 
@@ -89,7 +89,7 @@ def trained_resnet():
 def test_adapter_round_trip_is_bit_identical_with_batch_stats(tmp_path, trained_resnet):
   model, variables, method, state, x = trained_resnet
   assert not np.array_equal(state.batch_stats["stem_bn"]["mean"], variables["batch_stats"]["stem_bn"]["mean"])
-  size = peft.save_adapter(tmp_path / "bias", method, state.peft, state.batch_stats, base_model="resnet18",
+  size = peft.save_adapter(tmp_path / "bias", method, state.trainable, state.batch_stats, base_model="resnet18",
                            dataset="toy")
   assert size == (tmp_path / "bias" / "adapter_model.safetensors").stat().st_size
   assert sorted(os.listdir(tmp_path / "bias")) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -97,8 +97,8 @@ def test_adapter_round_trip_is_bit_identical_with_batch_stats(tmp_path, trained_
   assert adapter.method == method and adapter.config["base_model"] == "resnet18"
   assert adapter.config["dataset"] == "toy"
   saved = {**variables, "batch_stats": state.batch_stats}
-  expected = method.apply(model, saved, state.peft, x)
-  restored = adapter.method.apply(model, {**variables, "batch_stats": adapter.batch_stats}, adapter.peft, x)
+  expected = method.apply(model, saved, state.trainable, x)
+  restored = adapter.method.apply(model, {**variables, "batch_stats": adapter.batch_stats}, adapter.trainable, x)
   np.testing.assert_array_equal(np.asarray(restored), np.asarray(expected))
 
 
@@ -107,12 +107,12 @@ def test_adapter_bank_switches_adapters_on_one_base(tmp_path, trained_resnet):
   lora = peft.get_method("lora", targets=r"layer\d/block\d+/conv\d", rank=2)
   lora_params = jax.tree.map(lambda a: a + 0.1, lora.init(jax.random.key(2), variables["params"]))
   peft.save_adapter(tmp_path / "lora", lora, lora_params, base_model="resnet18")
-  peft.save_adapter(tmp_path / "bias", method, state.peft, state.batch_stats, base_model="resnet18")
+  peft.save_adapter(tmp_path / "bias", method, state.trainable, state.batch_stats, base_model="resnet18")
   bank = peft.AdapterBank(model, variables)
   bank.add("bias", tmp_path / "bias")
   bank.add("lora", tmp_path / "lora")
   np.testing.assert_array_equal(bank.apply("bias", x), method.apply(
-      model, {**variables, "batch_stats": state.batch_stats}, state.peft, x))
+      model, {**variables, "batch_stats": state.batch_stats}, state.trainable, x))
   np.testing.assert_array_equal(bank.apply("lora", x), lora.apply(model, variables, lora_params, x))
   assert not np.allclose(bank.apply("bias", x), bank.apply("lora", x))
   with pytest.raises(KeyError, match="No adapter 'ssf'; loaded: bias, lora"):
@@ -127,7 +127,7 @@ def test_unfoldable_adapters_still_save_and_load(tmp_path):
   trained = jax.tree.map(lambda a: a + 0.1, method.init(jax.random.key(1), variables["params"]))
   peft.save_adapter(tmp_path / "af", method, trained, base_model="vit_b16")
   adapter = peft.load_adapter(tmp_path / "af")
-  np.testing.assert_array_equal(adapter.method.apply(model, variables, adapter.peft, x),
+  np.testing.assert_array_equal(adapter.method.apply(model, variables, adapter.trainable, x),
                                 method.apply(model, variables, trained, x))
 
 

@@ -77,8 +77,8 @@ def test_every_strategy_initialises_on_the_tiny_unet(setup):
   _, params, _ = sd_weights.load_component(setup / "pipe", "unet")
   total = sum(x.size for x in jax.tree.leaves(params))
   counts = {}
-  for name in presets.UNET_PRESETS:
-    method = presets.unet_method(name)
+  for name in presets.PRESETS["unet"]:
+    method = presets.build_method(presets.UNET, name)
     counts[name] = method.count(params, method.init(jax.random.key(0), params)).trainable
   assert counts["full"] == total
   assert 0 < counts["norm"] < counts["bias"] < counts["difffit"] < counts["attention"] < counts["bias_norm_attention"]

@@ -19,7 +19,7 @@ from absl import flags
 from configs import classify
 from medpeft_jax import models, peft, presets
 from medpeft_jax.train import adapters_io, metrics, trainer
-from medpeft_jax.train.step import classification_loss, init_train_state, make_train_step
+from medpeft_jax.train.step import classification_loss, init_train_state, make_train_step, per_example_weights
 
 flags.FLAGS.mark_as_parsed()
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -65,7 +65,7 @@ def test_grad_accumulation_and_remat_give_the_same_updates():
     step = make_train_step(m, method, optimizer, grad_accum=accum)
     for _ in range(2):
       state, out = step(state, variables["params"], batch)
-    results.append((float(out["loss"]), state.peft))
+    results.append((float(out["loss"]), state.trainable))
   for loss, trained in results[1:]:
     assert loss == pytest.approx(results[0][0], rel=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), trained, results[0][1])
@@ -75,7 +75,8 @@ def test_class_weighted_loss():
   logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
   batch = {"label": jnp.array([0, 0, 1])}
   per_example = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], 2))
-  weighted = classification_loss(class_weights=[1.0, 3.0])(logits, batch)
+  weights = per_example_weights(batch["label"], [1.0, 3.0])  # runtime data, not a program constant
+  weighted = classification_loss()(logits, {**batch, "weight": jnp.asarray(weights)})
   expected = (per_example[0] + per_example[1] + 3 * per_example[2]) / 5
   assert float(weighted) == pytest.approx(float(expected))
   smoothed = classification_loss(label_smoothing=0.1)(logits, batch)
@@ -128,7 +129,7 @@ def test_same_seed_same_results_and_evaluate_export(easy, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(easy, tmp_path):
-  with pytest.raises(FloatingPointError, match=r"Non-finite training loss .* at step \d+.*last good"):
+  with pytest.raises(FloatingPointError, match=r"Non-finite training loss .* at step \d+ \(learning rate there .*no checkpoint was written"):
     trainer.train_and_evaluate(smoke_config(easy, method="full", lr=1e30, grad_clip=1e30), tmp_path)
 
 

@@ -10,7 +10,7 @@ from flax import traverse_util
 from medpeft_jax import presets
 from medpeft_jax.models import unet
 from medpeft_jax.models.weights import diffusers as sd_weights
-from medpeft_jax.models.weights.diffusers_lora import export_unet_lora
+from medpeft_jax.peft.interop.diffusers import export_unet_lora
 from tests import sd_fakes
 
 FULL_SIZE = {"full": 859_520_964, "attention": 267_239_360, "bias": 343_684, "norm": 200_320,
@@ -21,8 +21,9 @@ def test_trainable_counts_at_sd_v15_shapes():
   """Paper: bias 0.34M, norm 0.2M, LoRA 0.8M, SV-Diff 0.22M, DiffFit 0.58M (= ours + the norm biases counted twice)."""
   params = jax.eval_shape(unet.UNet2DConditionModel().init, jax.random.key(0), jnp.zeros((1, 8, 8, 4)),
                           jnp.zeros((1,)), jnp.zeros((1, 77, 768)))["params"]
-  counts = {name: presets.unet_method(name).count(params, jax.eval_shape(
-      presets.unet_method(name).init, jax.random.key(0), params)).trainable for name in presets.UNET_PRESETS}
+  methods = {name: presets.build_method(presets.UNET, name) for name in presets.PRESETS["unet"]}
+  counts = {name: m.count(params, jax.eval_shape(m.init, jax.random.key(0), params)).trainable
+            for name, m in methods.items()}
   assert counts == FULL_SIZE
   assert FULL_SIZE["difffit"] + FULL_SIZE["norm"] // 2 == 581_444  # the paper's "0.58M"
 
@@ -41,7 +42,7 @@ def tiny():
 @pytest.mark.parametrize("name", ["lora", "difffit", "svdiff"])
 def test_training_path_equals_merged_weights(tiny, name):
   model, params, inputs = tiny
-  method = presets.unet_method(name)
+  method = presets.build_method(presets.UNET, name)
   peft = method.init(jax.random.key(1), params)
   # Move every trainable leaf away from its initialisation (LoRA's B = 0, DiffFit's γ = 1 and SV-Diff's
   # δ = 0 are identities).
@@ -55,41 +56,41 @@ def test_training_path_equals_merged_weights(tiny, name):
 
 
 def test_svdiff_rebuilds_every_kernel_and_clamps_at_zero(tiny):
-  """δ = 0 rebuilds each kernel from its frozen SVD; relu(σ + δ) clamps a spectrum shifted below 0."""
+  """δ = 0 rebuilds each kernel from its SVD; relu(σ + δ) clamps a spectrum shifted below 0."""
   _, params, _ = tiny
-  method = presets.unet_method("svdiff")
-  frozen = method.frozen_state(params)
+  method = presets.build_method(presets.UNET, "svdiff")
+  derived = method.derived_state(params)
   peft = method.init(jax.random.key(0), params)
   flat = traverse_util.flatten_dict(params, sep="/")
   kernels = [p for p, x in flat.items() if p.endswith("/kernel")]
   assert sorted(f"{m}/kernel" for m in peft["adapters"]) == sorted(kernels)
-  merged = traverse_util.flatten_dict(method.merge(params, peft, frozen), sep="/")
-  assert merged.keys() == flat.keys()  # the frozen factors never leak into the parameters
+  merged = traverse_util.flatten_dict(method.merge(params, peft, derived=derived), sep="/")
+  assert merged.keys() == flat.keys()  # the derived factors never leak into the parameters
   for p in kernels:
     np.testing.assert_allclose(merged[p], flat[p], atol=2e-5 * float(np.abs(flat[p]).max()))
   module = "conv_in"
-  peft["adapters"][module]["delta"] = -2 * frozen[f"{module}/svd_s"]
-  assert not np.any(method.merge(params, peft, frozen)["conv_in"]["kernel"])
+  peft["adapters"][module]["delta"] = -2 * derived[f"{module}/svd_s"]
+  assert not np.any(method.merge(params, peft, derived=derived)["conv_in"]["kernel"])
 
 
 def test_selective_strategies_touch_only_their_leaves(tiny):
   _, params, _ = tiny
-  chosen = {name: set(presets.unet_method(name).init(jax.random.key(0), params)["params"])
+  chosen = {name: set(presets.build_method(presets.UNET, name).init(jax.random.key(0), params)["params"])
             for name in ("attention", "bias", "norm", "bias_norm_attention", "difffit")}
   assert all("attentions_" in p for p in chosen["attention"])
   assert all(p.endswith("/bias") for p in chosen["bias"]) and any("norm" in p for p in chosen["bias"])
   assert all("norm" in p.rsplit("/", 2)[-2] for p in chosen["norm"])
   assert chosen["bias_norm_attention"] == chosen["attention"] | chosen["bias"] | chosen["norm"]
   assert chosen["difffit"] == chosen["bias"] | chosen["norm"]
-  with pytest.raises(ValueError, match="Unknown U-Net strategy 'dora'"):
-    presets.unet_method("dora")
+  with pytest.raises(ValueError, match="stable_diffusion_unet takes the strategies .*'dora' is not one of them"):
+    presets.build_method(presets.UNET, "dora")
 
 
 def test_lora_exports_to_diffusers_naming(tmp_path):
   """Our U-Net + LoRA equals diffusers' U-Net with the exported file loaded by diffusers itself."""
   reference = sd_fakes.write_pipeline(tmp_path / "pipe")["unet"]
   model, params, _ = sd_weights.load_component(tmp_path / "pipe", "unet")
-  method = presets.unet_method("lora", alpha=8)  # scale 2: exported into B
+  method = presets.build_method(presets.UNET, "lora", alpha=8)  # scale 2: exported into B
   peft = method.init(jax.random.key(1), params)
   peft["adapters"] = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
                                   peft["adapters"])

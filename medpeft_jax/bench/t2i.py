@@ -17,12 +17,12 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from medpeft_jax import data, peft
-from medpeft_jax.bench.runner import RunSpec, Sweep
+from medpeft_jax import config_checks, data, peft, presets
+from medpeft_jax.bench.sweep import RunSpec, Sweep
 from medpeft_jax.diffusion import cache as latent_cache
 from medpeft_jax.diffusion import fid
 from medpeft_jax.diffusion.pipeline import StableDiffusion, generate_to_folder
-from medpeft_jax.models.inception import load_fid_inception
+from medpeft_jax.models.weights.inception import load_fid_inception
 from medpeft_jax.train import t2i
 
 
@@ -32,7 +32,7 @@ def run_config(bench, spec: RunSpec) -> ml_collections.ConfigDict:
   c.method, c.dataset, c.regime, c.seed, c.lr = spec.method, spec.dataset, spec.regime, spec.seed, spec.lr
   c.pipeline = bench.pipeline
   c.manual_dir = bench.manual_dirs.get(spec.dataset, "")
-  c.dataset_options = bench.dataset_options.get(spec.dataset, {})
+  c.dataset_options = config_checks.dataset_options(bench, spec.dataset)
   c.caption = bench.captions.get(spec.dataset, c.caption)
   c.progress = False
   return c
@@ -44,7 +44,7 @@ class RealSet:
   def __init__(self, bench, dataset: str, folder: pathlib.Path, inception):
     run = bench.run
     builder = data.load(dataset, data_dir=run.data_dir, manual_dir=bench.manual_dirs.get(dataset) or None,
-                        **dict(bench.dataset_options.get(dataset, {})))
+                        **config_checks.dataset_options(bench, dataset))
     source = latent_cache.PromptSource(builder, bench.fid.split, bench.captions.get(dataset, run.caption))
     n = min(bench.fid.num_images, len(source))
     if n < 2:
@@ -88,8 +88,13 @@ def run_t2i_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
                      "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth), a local file.")
   model, = bench.models
   cells = [(d, m, r, s) for d in bench.datasets for m in bench.methods for r in bench.regimes for s in bench.seeds]
-  sweep = Sweep(workdir, len(cells))
+  for dataset, method, regime, seed in cells:  # every run's config is valid before the first one starts
+    config_checks.check_t2i(run_config(bench, RunSpec("final", model, method, dataset, float(regime), int(seed), 0.0)))
+  with Sweep(workdir, len(cells)) as sweep:
+    return _run_cells(bench, sweep, cells, model, workdir)
 
+
+def _run_cells(bench, sweep: Sweep, cells, model: str, workdir: pathlib.Path) -> list[dict]:
   @functools.cache  # loaded by the first run that is not finished yet: a re-run of a done sweep loads nothing
   def scorers():
     return StableDiffusion.load(bench.pipeline), load_fid_inception(bench.fid.weights)[:2]
@@ -97,7 +102,7 @@ def run_t2i_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
   reals: dict[str, RealSet] = {}
   records = []
   for dataset, method, regime, seed in cells:
-    lr = float(bench.lr.get(method, t2i.default_lr(method)))
+    lr = float(bench.lr.get(method) or presets.default_lr(method, "t2i"))
     spec = RunSpec("final", model, method, dataset, float(regime), int(seed), lr)
     config = run_config(bench, spec)
 
@@ -107,12 +112,12 @@ def run_t2i_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
       if dataset not in reals:
         reals[dataset] = RealSet(bench, dataset, workdir / "fid_real", inception)
       adapter = peft.load_adapter(folder / "train" / "adapter")
-      unet_params = adapter.method.merge(sd.unet.params, adapter.peft)
+      unet_params = adapter.method.merge(sd.unet.params, adapter.trainable)
       metrics = score_samples(bench, sd, inception, reals[dataset], unet_params, folder)
       return {"dataset_size": results["dataset_size"], "metrics": metrics,
-              **{k: results[k] for k in ("trainable_params", "total_params", "step_time_s", "peak_memory_bytes",
-                                         "adapter_bytes", "probe_loss_start", "probe_loss_end")}}
+              **{k: results[k] for k in ("trainable_params", "total_params", "step_time_s",
+                                         "xla_memory_estimate_bytes", "adapter_bytes", "probe_loss_start",
+                                         "probe_loss_end")}}
 
     records.append(sweep.run(spec, config, execute, lambda r: f"FID {r['metrics']['fid']:.4g}"))
-  sweep.close()
   return records

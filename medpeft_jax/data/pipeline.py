@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from medpeft_jax.data.regimes import regime_indices
+from medpeft_jax.data.regimes import check_regime, regime_indices
 from medpeft_jax.data.transforms import normalize, resize_center_crop, to_rgb
 
 
@@ -38,6 +38,7 @@ class Split:
   """
 
   def __init__(self, builder, split: str, regime: float = 1.0, regime_seed: int = 0):
+    regime = check_regime(regime)
     self.builder, self.split, self.regime, self.regime_seed = builder, split, regime, regime_seed
     self._source = None
     labels = np.asarray([self.source[i]["label"] for i in range(len(self.source))], np.int32)
@@ -125,6 +126,11 @@ class EvalTransform(grain.transforms.Map):
             "mask": np.float32(record["mask"])}
 
 
+def epoch_permutation(num_records: int, seed: int, epoch: int) -> np.ndarray:
+  """The order of epoch `epoch`: one seeded permutation per (seed, epoch), shared by every task's batches."""
+  return np.random.default_rng([seed, epoch]).permutation(num_records)
+
+
 class EpochShuffleSampler:
   """Global index i -> position i % N of epoch i // N's permutation; grain reads every P-th index."""
 
@@ -142,7 +148,7 @@ class EpochShuffleSampler:
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._permutations:
-      self._permutations = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_records)}
+      self._permutations = {epoch: epoch_permutation(self.num_records, self.seed, epoch)}
     return self._permutations[epoch]
 
   def __getitem__(self, index: int) -> grain.RecordMetadata:

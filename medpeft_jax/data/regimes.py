@@ -17,7 +17,8 @@ PAPER_REGIMES = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 def check_regime(fraction: float) -> float:
   fraction = float(fraction)
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"A data regime is a fraction of the training split in (0, 1], not {fraction}.")
+    raise ValueError(f"A data regime is a fraction of the training split in (0, 1], not {fraction}: "
+                     "e.g. regime=0.1 for 10 % of it, 1.0 for all of it.")
   return fraction
 
 

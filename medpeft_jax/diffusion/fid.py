@@ -6,7 +6,8 @@ S1^(1/2) S2 S1^(1/2) (same eigenvalues as S1 S2), via `eigh`: no complex parts t
 failure on singular covariances (fewer images than feature dimensions), unlike `scipy.linalg.sqrtm`.
 KID (Bińkowski et al. 2018): the unbiased MMD^2 with the cubic polynomial kernel
 k(x, y) = (x.y / d + 1)^3, averaged over random subsets, as torch-fidelity and clean-fid report it.
-Features: pool-3 of the FID Inception-v3 (medpeft_jax/models/inception.py, pytorch-fid's weights).
+Features: pool-3 of the FID Inception-v3 (medpeft_jax/models/inception.py) with pytorch-fid's weights
+(loaded by medpeft_jax/models/weights/inception.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from medpeft_jax.models.inception import load_fid_inception
+from medpeft_jax.models.weights.inception import load_fid_inception
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:

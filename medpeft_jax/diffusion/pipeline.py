@@ -33,7 +33,9 @@ _SCHEDULER_CLASSES = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim"}
 
 
 @dataclasses.dataclass
-class Component:
+class LoadedModel:
+  """A Flax module with its parameters: one loaded pipeline component."""
+
   model: nn.Module
   params: Any
 
@@ -41,9 +43,9 @@ class Component:
 @dataclasses.dataclass
 class StableDiffusion:
   tokenizer: Any
-  text_encoder: Component
-  unet: Component
-  vae: Component
+  text_encoder: LoadedModel
+  unet: LoadedModel
+  vae: LoadedModel
   schedule: NoiseSchedule
   default_sampler: str = "pndm"
 
@@ -53,7 +55,7 @@ class StableDiffusion:
     folder = pathlib.Path(folder)
     if not folder.is_dir():
       raise diffusers.missing_error(folder, "pipeline folder")
-    parts = {name: Component(*diffusers.load_component(folder, name, dtype=dtype)[:2])
+    parts = {name: LoadedModel(*diffusers.load_component(folder, name, dtype=dtype)[:2])
              for name in ("text_encoder", "unet", "vae")}
     scheduler = folder / "scheduler" / "scheduler_config.json"
     schedule = NoiseSchedule.from_config(scheduler) if scheduler.is_file() else NoiseSchedule()

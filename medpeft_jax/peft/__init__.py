@@ -6,9 +6,25 @@
   merged_params = method.merge(variables["params"], trainable)
 """
 
-from medpeft_jax.peft import adaptformer, difffit, lora, selective, ssf, svdiff, tsa, vpt  # noqa: F401  (register)
-from medpeft_jax.peft.adapters import Adapter, AdapterBank, load_adapter, save_adapter
-from medpeft_jax.peft.core import METHODS, MergeError, Method, ParamCount, get_method
+import importlib
+import pkgutil
 
-__all__ = ["METHODS", "Adapter", "AdapterBank", "MergeError", "Method", "ParamCount", "get_method",
-           "load_adapter", "save_adapter"]
+from medpeft_jax.peft.adapters import (
+  Adapter,
+  AdapterBank,
+  AdapterMismatchError,
+  NonFiniteAdapterError,
+  check_adapter,
+  load_adapter,
+  save_adapter,
+)
+from medpeft_jax.peft.core import METHODS, AdapterCall, MergeError, Method, ParamCount, get_method
+
+# Every module of this package but the core, the adapter files and the converters is a method file
+# that registers itself: a new method is its file (plus its test), with no list to edit here.
+for _module in pkgutil.iter_modules(__path__):
+  if _module.name not in ("core", "adapters", "interop"):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["METHODS", "Adapter", "AdapterBank", "AdapterCall", "AdapterMismatchError", "MergeError", "Method",
+           "NonFiniteAdapterError", "ParamCount", "check_adapter", "get_method", "load_adapter", "save_adapter"]

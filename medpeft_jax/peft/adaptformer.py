@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import Flat, Method, module_paths, register, select
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
 
 
 def input_width(flat: Flat, module: str) -> int:
@@ -44,9 +44,9 @@ class AdaptFormer(Method):
             "up": jnp.zeros((self.bottleneck, d), jnp.float32),
             "up_bias": jnp.zeros((d,), jnp.float32)}
 
-  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
-    x = args[0]
-    y = next_fun(*args, **kwargs)
+  def call_adapter(self, adapter, call: AdapterCall):
+    x = call.inputs
+    y = call.original()
     c = lambda n: adapter[n].astype(y.dtype)
     h = jax.nn.relu(x @ c("down") + c("down_bias"))
     return y + self.scale * (h @ c("up") + c("up_bias"))

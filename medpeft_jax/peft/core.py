@@ -1,20 +1,21 @@
 """The method contract: a PEFT method is a pure transform of a Flax parameter pytree.
 
-  peft = method.init(rng, params)                        # only what trains
-  out = method.apply(model, variables, peft, *inputs, train=True, mutable=["batch_stats"], ...)
-  merged = method.merge(params, peft)                    # plain params, no inference overhead
-  frozen = method.frozen_state(params)                   # {} except SV-Diff: its SVD, computed once
+  trainable = method.init(rng, params)                   # only what trains
+  out = method.apply(model, variables, trainable, *inputs, train=True, mutable=["batch_stats"], ...)
+  merged = method.merge(params, trainable)               # plain params, no inference overhead
+  derived = method.derived_state(params)                 # {} except SV-Diff: its SVD, computed once
 
-`peft` is `{"params": {path: leaf}, "adapters": {module path: {name: leaf}}}` with '/'-joined paths:
+`trainable` is `{"params": {path: leaf}, "adapters": {module path: {name: leaf}}}` with '/'-joined paths:
   - "params" holds trained copies of selected base leaves (the head in every method, plus what a
     selective method tunes); `apply` and `merge` put them in place of the base leaves;
   - "adapters" holds new tensors attached to the modules whose paths a method's regex selects.
     `apply` runs them on activations by intercepting those modules' `__call__`
-    (`flax.linen.intercept_methods`) and `merge` folds them into the base leaves. Training on
-    activations keeps autodiff from forming any frozen kernel's weight gradient, which is the cost of
-    full fine-tuning (../shared/DESIGN.md, "Train on activations, fold only to merge").
-A method may also derive non-trainable tensors from the base once (`frozen_state`: SV-Diff's singular
-vectors). Callers that step many times compute it once and pass it as `frozen=` to `apply` and
+    (`flax.linen.intercept_methods`; each call reaches `Method.call_adapter` as an `AdapterCall`)
+    and `merge` folds them into the base leaves. Training on activations keeps autodiff from forming
+    any frozen kernel's weight gradient, which is the cost of full fine-tuning (../shared/DESIGN.md,
+    "Train on activations, fold only to merge").
+A method may also derive non-trainable tensors from the base once (`derived_state`: SV-Diff's singular
+vectors). Callers that step many times compute it once and pass it as `derived=` to `apply` and
 `merge` — a non-differentiated argument like the base params; without it, they recompute it.
 
 This package knows parameter paths and pytrees, never model classes.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax.linen as nn
@@ -121,6 +122,27 @@ class MergeError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterCall:
+  """One intercepted `__call__` of a module that has an adapter, as `Method.call_adapter` sees it."""
+
+  module: nn.Module  # the bound flax module
+  path: str  # its '/'-joined parameter path
+  base: Flat  # every leaf it may read: base params, derived state, trained copies of selected leaves
+  next_fun: Callable  # the module's own `__call__`
+  args: tuple
+  kwargs: dict
+
+  @property
+  def inputs(self):
+    """The module's first positional input (its activations)."""
+    return self.args[0]
+
+  def original(self):
+    """The module's output without the adapter."""
+    return self.next_fun(*self.args, **self.kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """Base class: selective leaves (`trainable_paths`) plus optional module adapters.
 
@@ -143,8 +165,8 @@ class Method:
   def init_adapter(self, rng, module: str, flat: Flat) -> dict[str, jax.Array]:
     raise NotImplementedError
 
-  def call_adapter(self, adapter, module, base: Flat, path: str, next_fun, args, kwargs):
-    """Runs intercepted module `path` (a bound flax module) with its adapter; returns its output."""
+  def call_adapter(self, adapter, call: AdapterCall):
+    """Runs the intercepted module `call.module` with its adapter; returns its output."""
     raise NotImplementedError
 
   def fold_adapter(self, flat: Flat, path: str, adapter) -> Flat:
@@ -153,9 +175,23 @@ class Method:
                      "computation that no weight can express. Keep it as an adapter "
                      "(medpeft_jax.peft.save_adapter) and apply it with method.apply.")
 
-  def frozen_state(self, params: Params) -> Flat:
+  def derived_state(self, params: Params) -> Flat:
     """Non-trainable tensors derived from the base once, as extra '/'-joined leaves beside it."""
     return {}
+
+  def init_step_state(self, trainable: Params) -> Params:
+    """State a method carries across training steps (e.g. AdaLoRA's importance scores); {} for most."""
+    del trainable
+    return {}
+
+  def after_update(self, trainable: Params, grads: Params, step_state: Params, step):
+    """Runs inside the jitted step after each optimizer update (step: the 1-based step just taken).
+
+    Returns `(trainable, step_state)`; a method that reallocates or prunes its parameters during
+    training (AdaLoRA's rank budget) does it here. The default changes nothing.
+    """
+    del grads, step
+    return trainable, step_state
 
   # --- the contract ----------------------------------------------------------------------------------
   def init(self, rng: jax.Array, params: Params) -> Params:
@@ -166,17 +202,18 @@ class Method:
     return {"params": {p: jnp.array(flat[p], copy=True) for p in self.trainable_paths(flat)},
             "adapters": {m: self.init_adapter(k, m, flat) for m, k in zip(modules, keys)}}
 
-  def apply(self, model, variables: Params, peft: Params, *inputs, frozen: Flat | None = None, **kwargs):
+  def apply(self, model, variables: Params, trainable: Params, *inputs, derived: Flat | None = None, **kwargs):
     """`model.apply(variables, *inputs, **kwargs)` with the method in it: pure and jit-able."""
     base = flatten(variables["params"])
-    params = unflatten({**base, **peft["params"]})
+    check_fits(base, trainable, self.name)
+    params = unflatten({**base, **trainable["params"]})
     variables = {**variables, "params": params}
-    adapters = peft["adapters"]
+    adapters = trainable["adapters"]
     if not adapters:
       return model.apply(variables, *inputs, **kwargs)
-    if frozen is None:
-      frozen = self.frozen_state(variables["params"])
-    flat_params = {**base, **frozen, **peft["params"]}
+    if derived is None:
+      derived = self.derived_state(variables["params"])
+    flat_params = {**base, **derived, **trainable["params"]}
     active: set[str] = set()  # a module's __call__ may call its parent class's (wrapped) __call__
 
     def interceptor(next_fun, args, kw, context):
@@ -187,20 +224,35 @@ class Method:
         return next_fun(*args, **kw)
       active.add(path)
       try:
-        return self.call_adapter(adapters[path], context.module, flat_params, path, next_fun, args, kw)
+        call = AdapterCall(context.module, path, flat_params, next_fun, args, kw)
+        return self.call_adapter(adapters[path], call)
       finally:
         active.discard(path)
 
     with nn.intercept_methods(interceptor):
       return model.apply(variables, *inputs, **kwargs)
 
-  def merge(self, params: Params, peft: Params, frozen: Flat | None = None) -> Params:
-    frozen = self.frozen_state(params) if frozen is None else frozen
-    flat = {**flatten(params), **frozen, **peft["params"]}
-    for path, adapter in peft["adapters"].items():
+  def merge(self, params: Params, trainable: Params, derived: Flat | None = None) -> Params:
+    derived = self.derived_state(params) if derived is None else derived
+    check_fits(flatten(params), trainable, self.name)
+    flat = {**flatten(params), **derived, **trainable["params"]}
+    for path, adapter in trainable["adapters"].items():
       flat = self.fold_adapter(flat, path, adapter)
-    return unflatten({k: v for k, v in flat.items() if k not in frozen})
+    return unflatten({k: v for k, v in flat.items() if k not in derived})
 
-  def count(self, params: Params, peft: Params) -> ParamCount:
-    """Trainable = everything in `peft`; total = the base model plus the adapters it adds."""
-    return ParamCount(num_params(peft), num_params(params) + num_params(peft["adapters"]))
+  def count(self, params: Params, trainable: Params) -> ParamCount:
+    """Trainable = everything in `trainable`; total = the base model plus the adapters it adds."""
+    return ParamCount(num_params(trainable), num_params(params) + num_params(trainable["adapters"]))
+
+
+def check_fits(base: Flat, trainable: Params, method: str) -> None:
+  """Trained leaves and adapted modules must exist in the base with the same shapes: an adapter made
+  for another model (or another head size) is an error naming what does not fit, not a flax error."""
+  wrong = [f"{p} {tuple(np.shape(v))} (model: {tuple(np.shape(base[p])) if p in base else 'absent'})"
+           for p, v in trainable["params"].items() if p not in base or np.shape(base[p]) != np.shape(v)]
+  modules = {p.rsplit("/", 1)[0] for p in base if "/" in p} | set(module_paths(base, enclosing=True))
+  wrong += [f"{m} (an adapted module the model lacks)" for m in trainable["adapters"] if m not in modules]
+  if wrong:
+    raise ValueError(f"This {method} adapter does not fit the model: {'; '.join(wrong[:4])}"
+                     f"{f' and {len(wrong) - 4} more' if len(wrong) > 4 else ''}. It was made for another model, "
+                     "class count or configuration: apply it to the base model (and classes) it was trained on.")

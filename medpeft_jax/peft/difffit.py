@@ -14,7 +14,7 @@ import re
 
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import Flat, Method, module_paths, register, select
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
 
 
 @register("difffit")
@@ -43,8 +43,8 @@ class DiffFit(Method):
     del rng
     return {"gamma": jnp.ones(flat[f"{self._output(flat, module)}/kernel"].shape[-1], jnp.float32)}
 
-  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
-    y = next_fun(*args, **kwargs)
+  def call_adapter(self, adapter, call: AdapterCall):
+    y = call.original()
     return y * adapter["gamma"].astype(y.dtype)
 
   def fold_adapter(self, flat, path, adapter):

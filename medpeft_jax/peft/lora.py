@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import Flat, Method, module_paths, register, select
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
 
 
 def _kernel(flat: Flat, module: str):
@@ -68,9 +68,9 @@ class LoRA(Method):
     a = jax.random.uniform(rng, (*shape_in, self.rank), jnp.float32, -bound, bound)
     return {"a": a, "b": jnp.zeros((self.rank, out), jnp.float32)}
 
-  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
-    y = next_fun(*args, **kwargs)
-    update = _down(module, adapter["a"], args[0]) @ adapter["b"].astype(y.dtype)
+  def call_adapter(self, adapter, call: AdapterCall):
+    y = call.original()
+    update = _down(call.module, adapter["a"], call.inputs) @ adapter["b"].astype(y.dtype)
     return y + (self.scale * update).astype(y.dtype)
 
   def fold_adapter(self, flat, path, adapter):
@@ -95,14 +95,14 @@ class DoRA(LoRA):
     norm = _column_norm(w + self.scale * _delta(adapter["a"], adapter["b"]))
     return adapter["m"] / jax.lax.stop_gradient(norm)
 
-  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
+  def call_adapter(self, adapter, call: AdapterCall):
     # (x·W + b)·r + s·(x·A·B)·r + b·(1 - r) = x·W'·r + b, r = m / ||W'||: no subtraction of b, so
     # at init (r = 1 up to an ulp, B = 0) the output is y up to rounding.
-    y = next_fun(*args, **kwargs)
-    r = self._rescale(adapter, base[f"{path}/kernel"]).astype(y.dtype)
-    update = _down(module, adapter["a"], args[0]) @ adapter["b"].astype(y.dtype)
+    y = call.original()
+    r = self._rescale(adapter, call.base[f"{call.path}/kernel"]).astype(y.dtype)
+    update = _down(call.module, adapter["a"], call.inputs) @ adapter["b"].astype(y.dtype)
     out = y * r + (self.scale * update).astype(y.dtype) * r
-    bias = base.get(f"{path}/bias")
+    bias = call.base.get(f"{call.path}/bias")
     return out + bias.astype(y.dtype) * (1 - r) if bias is not None else out
 
   def fold_adapter(self, flat, path, adapter):

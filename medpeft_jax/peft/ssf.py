@@ -13,7 +13,7 @@ import dataclasses
 
 import jax
 
-from medpeft_jax.peft.core import Flat, Method, module_paths, register, select
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
 
 
 @register("ssf")
@@ -34,8 +34,8 @@ class SSF(Method):
     return {"scale": 1 + self.init_std * jax.random.normal(k1, (c,)),
             "shift": self.init_std * jax.random.normal(k2, (c,))}
 
-  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
-    y = next_fun(*args, **kwargs)
+  def call_adapter(self, adapter, call: AdapterCall):
+    y = call.original()
     return y * adapter["scale"].astype(y.dtype) + adapter["shift"].astype(y.dtype)
 
   def fold_adapter(self, flat, path, adapter):

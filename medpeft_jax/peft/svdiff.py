@@ -3,9 +3,10 @@
 Each selected kernel W, reshaped to 2-D (a conv's (kh, kw, in, out) to (kh·kw·in, out), the same
 singular values as PyTorch's (out, in·kh·kw)), is decomposed once, W = U·diag(σ)·Vᵀ; training
 learns δ (one per singular value, zero at init) and the module runs with U·diag(relu(σ + δ))·Vᵀ.
-U, σ, Vᵀ are the method's frozen state (`frozen_state`), computed once and passed back by the caller;
-at SD v1.5 they hold 1.26x the kernels' size (4.0 GiB in float32). Unlike the activation-side methods, SV-Diff trains
-through the rebuilt kernel, so each step forms that kernel's gradient, as the authors' code does.
+U, σ, Vᵀ are the method's derived state (`derived_state`), computed once and passed back by the
+caller; at SD v1.5 they hold 1.26x the kernels' size (4.0 GiB in float32). Unlike the activation-side
+methods, SV-Diff trains through the rebuilt kernel, so each step forms that kernel's gradient, as the
+authors' code does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import Flat, Method, Params, flatten, module_paths, register, select, unflatten
+from medpeft_jax.peft.core import (
+  AdapterCall,
+  Flat,
+  Method,
+  Params,
+  flatten,
+  module_paths,
+  register,
+  select,
+  unflatten,
+)
 
 _FACTORS = ("svd_u", "svd_s", "svd_vt")
 
@@ -34,7 +45,7 @@ class SVDiff(Method):
                if f"{m}/kernel" in flat and flat[f"{m}/kernel"].ndim >= 2 and f"{m}/kernel" not in trained]
     return select(kernels, self.targets, "svdiff targets")
 
-  def frozen_state(self, params: Params) -> Flat:
+  def derived_state(self, params: Params) -> Flat:
     flat = flatten(params)
     out = {}
     for m in self.adapter_modules(flat):
@@ -53,11 +64,11 @@ class SVDiff(Method):
     w = flat[f"{path}/kernel"]
     return ((u * jax.nn.relu(s + adapter["delta"])) @ vt).reshape(w.shape).astype(w.dtype)
 
-  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
-    own = {k[len(path) + 1:]: v for k, v in base.items()
-           if k.startswith(path + "/") and k.rsplit("/", 1)[-1] not in _FACTORS}
-    own["kernel"] = self._kernel(base, path, adapter)
-    return module.clone(parent=None).apply({"params": unflatten(own)}, *args, **kwargs)
+  def call_adapter(self, adapter, call: AdapterCall):
+    own = {k[len(call.path) + 1:]: v for k, v in call.base.items()
+           if k.startswith(call.path + "/") and k.rsplit("/", 1)[-1] not in _FACTORS}
+    own["kernel"] = self._kernel(call.base, call.path, adapter)
+    return call.module.clone(parent=None).apply({"params": unflatten(own)}, *call.args, **call.kwargs)
 
   def fold_adapter(self, flat, path, adapter):
     return {**flat, f"{path}/kernel": self._kernel(flat, path, adapter)}

@@ -12,7 +12,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import Flat, Method, module_paths, register, select
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
 
 
 def _centred_strides(module, path) -> tuple[int, ...]:
@@ -54,10 +54,10 @@ class TSA(Method):
     _, _, cin, cout = flat[f"{module}/kernel"].shape
     return {"alpha": jnp.zeros((cin, cout), jnp.float32)}
 
-  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
-    sh, sw = _centred_strides(module, path)
-    y = next_fun(*args, **kwargs)
-    x = args[0][:, ::sh, ::sw, :]
+  def call_adapter(self, adapter, call: AdapterCall):
+    sh, sw = _centred_strides(call.module, call.path)
+    y = call.original()
+    x = call.inputs[:, ::sh, ::sw, :]
     return y + x.astype(y.dtype) @ adapter["alpha"].astype(y.dtype)
 
   def fold_adapter(self, flat, path, adapter):

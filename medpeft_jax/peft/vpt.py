@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import Flat, Method, module_paths, register, select
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
 
 
 @register("vpt")
@@ -35,10 +35,10 @@ class VPT(Method):
     d = flat[width_leaf].shape[-1]
     return {"prompts": self.init_std * jax.random.normal(rng, (self.num_tokens, d), jnp.float32)}
 
-  def call_adapter(self, adapter, module, base, path, next_fun, args, kwargs):
-    x, *rest = args
-    first = path == self.adapter_modules(base)[0]
+  def call_adapter(self, adapter, call: AdapterCall):
+    x, *rest = call.args
+    first = call.path == self.adapter_modules(call.base)[0]
     p = jnp.broadcast_to(adapter["prompts"].astype(x.dtype), (x.shape[0], *adapter["prompts"].shape))
     n = self.num_prefix_tokens
     keep = x[:, n:] if first else x[:, n + self.num_tokens:]
-    return next_fun(jnp.concatenate([x[:, :n], p, keep], axis=1), *rest, **kwargs)
+    return call.next_fun(jnp.concatenate([x[:, :n], p, keep], axis=1), *rest, **call.kwargs)

@@ -13,11 +13,12 @@ import numpy as np
 from absl import logging
 
 
-def _plain(value):
+def plain(value):
+  """`value` with arrays as lists and non-finite floats as strings: what JSON can hold."""
   if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
+    return {k: plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
+    return [plain(v) for v in value]
   if isinstance(value, (np.generic, np.ndarray)) or hasattr(value, "dtype"):
     value = np.asarray(value).tolist()
   if isinstance(value, float) and not math.isfinite(value):
@@ -44,7 +45,7 @@ class RunLogger:
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.active:
       return
-    record = {"step": int(step), "split": split, **_plain(metrics)}
+    record = {"step": int(step), "split": split, **plain(metrics)}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in record.items():
@@ -101,9 +102,17 @@ def log_info(message: str, *args) -> None:
     logging.info(message, *args)
 
 
+def write_json(path: str | os.PathLike, data) -> None:
+  """Writes `data` as indented JSON atomically (a temporary file, then a rename): never half a file."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(plain(data), indent=2) + "\n")
+  tmp.replace(path)
+
+
 def print_json(data, out: str | os.PathLike | None = None) -> str:
   """Prints `data` as indented JSON (what the launch/ mains report) and writes it to `out` if given."""
-  text = json.dumps(_plain(data), indent=2)
+  text = json.dumps(plain(data), indent=2)
   if out:
     pathlib.Path(out).write_text(text + "\n")
   print(text)

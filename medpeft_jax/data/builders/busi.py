@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
-from medpeft_jax.data.builders.base import IMAGE_SUFFIXES, MedicalImageBuilder, Record
+from medpeft_jax.data.builders.base import IMAGE_SUFFIXES, MedicalImageBuilder, Record, register
 
 
+@register("busi")
 class Busi(MedicalImageBuilder):
   """Breast ultrasound: benign / malignant / normal. No patient ids: each image is its own group."""
 

@@ -10,12 +10,14 @@ from medpeft_jax.data.builders.base import (
   Record,
   find_images,
   read_metadata,
+  register,
 )
 
 # label_set -> CSV column
 _COLUMNS = {"3": "three_partition_label", "9": "nine_partition_label", "114": "label"}
 
 
+@register("fitzpatrick17k")
 class Fitzpatrick17k(MedicalImageBuilder):
   """Clinical skin photos. label_set 3 (default: benign / malignant / non-neoplastic), 9 or 114."""
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
-from medpeft_jax.data.builders.base import MedicalImageBuilder, Record, find_images, read_metadata
+from medpeft_jax.data.builders.base import MedicalImageBuilder, Record, find_images, read_metadata, register
 
 
+@register("ham10000")
 class Ham10000(MedicalImageBuilder):
   """Dermoscopy, 7 classes (dx). Split grouped by lesion_id: one lesion never lands in two splits."""
 

@@ -11,7 +11,13 @@ import zipfile
 import tensorflow_datasets as tfds
 from absl import logging
 
-from medpeft_jax.data.builders.base import ImageConfig, MedicalImageBuilder, encode_for_storage, read_image
+from medpeft_jax.data.builders.base import (
+  ImageConfig,
+  MedicalImageBuilder,
+  encode_for_storage,
+  read_image,
+  register,
+)
 
 FRONTAL = ("PA", "AP")
 _SPLITS = {"train": "train", "validate": "validation", "test": "test"}
@@ -56,6 +62,7 @@ class _Reports:
     return self.files[name].read_text(encoding="utf-8") if name in self.files else None
 
 
+@register("mimic_cxr")
 class MimicCxr(MedicalImageBuilder):
   """Frontal (PA/AP) chest X-rays of MIMIC-CXR-JPG with the report's IMPRESSION (else FINDINGS) as prompt."""
 

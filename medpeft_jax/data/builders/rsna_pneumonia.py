@@ -10,6 +10,7 @@ from medpeft_jax.data.builders.base import (
   Record,
   find_images,
   read_csv,
+  register,
   require_columns,
 )
 
@@ -17,6 +18,7 @@ _THREE = {"Normal": "normal", "No Lung Opacity / Not Normal": "not_normal_no_opa
           "Lung Opacity": "lung_opacity"}
 
 
+@register("rsna_pneumonia")
 class RsnaPneumonia(MedicalImageBuilder):
   """Chest X-rays (DICOM). label_set 2 (default: Target 0/1 of the labels CSV) or 3 (detailed classes)."""
 

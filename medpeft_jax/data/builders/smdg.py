@@ -6,11 +6,12 @@ import pathlib
 
 from absl import logging
 
-from medpeft_jax.data.builders.base import MedicalImageBuilder, Record, find_images, read_metadata
+from medpeft_jax.data.builders.base import MedicalImageBuilder, Record, find_images, read_metadata, register
 
 _TYPES = {"0": "non_glaucoma", "1": "glaucoma"}  # -1 (glaucoma suspect) is left out
 
 
+@register("smdg")
 class Smdg(MedicalImageBuilder):
   """Fundus photos, glaucoma vs not. Suspects (types = -1) are left out; grouped by patient_id when given."""
 

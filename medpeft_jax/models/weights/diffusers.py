@@ -40,7 +40,9 @@ _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out
 
 
 @dataclasses.dataclass(frozen=True)
-class Component:
+class ComponentSpec:
+  """How to build one diffusers component (a subfolder such as `unet/`) and where its weights are."""
+
   config_cls: Any
   model_cls: Any
   weight_files: tuple[str, ...]
@@ -52,14 +54,17 @@ def _unet_inputs(c: UNetConfig):
   return (jnp.zeros((1, side, side, c.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 1, c.cross_attention_dim)))
 
 
+def _vae_inputs(c: VAEConfig):
+  side = 2 ** len(c.block_out_channels)
+  return (jnp.zeros((1, side, side, c.in_channels)),)
+
+
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 COMPONENTS = {
-    "unet": Component(UNetConfig, UNet2DConditionModel,
-                      ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), _unet_inputs),
-    "vae": Component(VAEConfig, AutoencoderKL, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-                     lambda c: (jnp.zeros((1, 2 ** len(c.block_out_channels), 2 ** len(c.block_out_channels),
-                                           c.in_channels)),)),
-    "text_encoder": Component(CLIPTextConfig, CLIPTextModel, ("model.safetensors", "pytorch_model.bin"),
-                              lambda c: (jnp.zeros((1, c.max_position_embeddings), jnp.int32),)),
+    "unet": ComponentSpec(UNetConfig, UNet2DConditionModel, _DIFFUSERS_WEIGHTS, _unet_inputs),
+    "vae": ComponentSpec(VAEConfig, AutoencoderKL, _DIFFUSERS_WEIGHTS, _vae_inputs),
+    "text_encoder": ComponentSpec(CLIPTextConfig, CLIPTextModel, ("model.safetensors", "pytorch_model.bin"),
+                                  lambda c: (jnp.zeros((1, c.max_position_embeddings), jnp.int32),)),
 }
 
 

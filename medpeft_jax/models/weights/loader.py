@@ -92,7 +92,7 @@ def load_pretrained(name: str, path: str | os.PathLike, *, num_classes: int, ima
   """Builds model `name` and fills it from the checkpoint at `path` (a file or a download folder).
 
   Returns `(model, variables, report)`; `variables` holds `params` (and `batch_stats` for CNNs) as
-  float32 jax arrays. `image_size` sets the input resolution the variables are shaped for (the
+  float32 numpy arrays (host memory; `jax.device_put` them where they belong). `image_size` sets the input resolution the variables are shaped for (the
   model's pre-training size by default). `overrides` set model fields such as `dtype`; a Hugging
   Face folder's `layer_norm_eps` is applied to ViTs unless `norm_eps` is given.
   """
@@ -136,5 +136,7 @@ def load_pretrained(name: str, path: str | os.PathLike, *, num_classes: int, ima
   if strict and not report.ok:
     raise CheckpointMismatchError(report)
   values.update(_fresh_leaves(model, dummy, rng, [p for p in template if p not in values]))
-  variables = traverse_util.unflatten_dict({p: jnp.asarray(v) for p, v in values.items()}, sep="/")
+  # Host arrays: the caller places them (sharded over devices, or on one), so a large model is never
+  # first materialised whole on a single device.
+  variables = traverse_util.unflatten_dict({p: np.asarray(v) for p, v in values.items()}, sep="/")
   return model, variables, report

@@ -8,22 +8,16 @@ Hugging Face or timm download (`model.safetensors` or `pytorch_model.bin`, plus 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
+import zipfile
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from medpeft_jax.fileio import CorruptFileError, read_json, read_safetensors  # noqa: F401  (re-exported)
 from medpeft_jax.models.weights.torch_pickle import load_torch_checkpoint
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-}
 # Preferred files in a checkpoint folder, in order (Hugging Face / timm download layouts).
 _FOLDER_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                  "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -37,23 +31,6 @@ class Checkpoint:
   tensors: dict[str, np.ndarray]
   files: list[str]
   config: dict[str, Any] | None = None  # the folder's config.json, when there is one
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a .safetensors file (8-byte header length, JSON header, raw little-endian data)."""
-  data = np.memmap(path, dtype=np.uint8, mode="r")
-  (n,) = np.frombuffer(data[:8], dtype="<u8")
-  header = json.loads(bytes(data[8:8 + n]))
-  header.pop("__metadata__", None)
-  base = 8 + int(n)
-  out = {}
-  for name, info in header.items():
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}.")
-    start, end = info["data_offsets"]
-    arr = np.frombuffer(data[base + start:base + end], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-    out[name] = np.array(arr.reshape(info["shape"]))
-  return out
 
 
 def flatten_state_dict(obj: Any, source: str) -> dict[str, np.ndarray]:
@@ -83,14 +60,22 @@ def read_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   if path.suffix == ".safetensors":
     return read_safetensors(path)
   if path.suffix == ".npz":
-    with np.load(path, allow_pickle=False) as npz:
-      return {k: npz[k] for k in npz.files}
+    try:
+      with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+      raise CorruptFileError(f"{path} is not a complete .npz archive ({e}); re-download it.") from None
   if path.name.endswith(".index.json"):  # sharded Hugging Face checkpoint
-    shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    shards = sorted(set(read_json(path, "re-download it")["weight_map"].values()))
     out = {}
     for shard in shards:
       out.update(read_file(path.parent / shard))
     return out
+  with open(path, "rb") as f:
+    zip_magic = f.read(4) == b"PK\x03\x04"
+  if zip_magic and not zipfile.is_zipfile(path):  # torch's zip format, cut before its central directory
+    raise CorruptFileError(f"{path} is a truncated zip archive: expected its central directory at the end of "
+                           f"the file's {path.stat().st_size:,} bytes; re-download or re-save it.")
   return flatten_state_dict(load_torch_checkpoint(path), str(path))
 
 
@@ -113,7 +98,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
   config = None
   if path.is_dir():
     if (path / "config.json").is_file():
-      config = json.loads((path / "config.json").read_text())
+      config = read_json(path / "config.json", "re-download it")
     path = find_checkpoint_file(path)
   elif path.suffix not in _SUFFIXES and not path.name.endswith(".index.json"):
     raise ValueError(f"{path}: unknown checkpoint format; expected a folder or a file ending in "

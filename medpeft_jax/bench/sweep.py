@@ -1,0 +1,142 @@
+"""What every sweep shares: a run's coordinates, the run/skip/record loop, and what a record carries.
+
+`Sweep.run(spec, config, execute, summary)` runs one run into `<workdir>/runs/<spec.folder()>` unless
+results.jsonl already holds it (same coordinates and config hash: bench/store.py), records a failure
+and goes on, and appends every record as soon as its run ends. The classification sweep
+(bench/runner.py) and the text-to-image sweep (bench/t2i.py) are drivers of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import importlib.metadata
+import json
+import pathlib
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+
+from absl import logging
+from tqdm import tqdm
+
+from medpeft_jax.bench.store import ResultsStore, config_hash, run_key
+from medpeft_jax.models.weights.readers import find_checkpoint_file
+from medpeft_jax.workdir import WorkdirLock
+
+PACKAGES = ("medpeft-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
+            "numpy")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  kind: str  # "final" or "lr_search"
+  model: str
+  method: str
+  dataset: str
+  regime: float
+  seed: int
+  lr: float
+
+  def key(self, config) -> tuple:
+    """The results store's key of this run under `config` (coordinates + config hash)."""
+    return run_key({**dataclasses.asdict(self), "config": config.to_dict()})
+
+  def folder(self, config) -> str:
+    """Its folder under runs/: the coordinates, and the config hash (another config is another run)."""
+    tag = "search_" if self.kind == "lr_search" else ""
+    return (f"{self.model}/{self.dataset}/{self.method}/{tag}r{self.regime:g}_s{self.seed}_lr{self.lr:g}_"
+            f"{config_hash(config)[:8]}")
+
+
+@functools.cache
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def checkpoint_hashes(weights: str) -> dict[str, str]:
+  if not weights:
+    return {}
+  path = pathlib.Path(weights)
+  file = find_checkpoint_file(path) if path.is_dir() else path
+  return {str(file): _sha256(str(file))}
+
+
+@functools.cache
+def git_commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                         cwd=pathlib.Path(__file__).resolve().parent)
+    return out.stdout.strip() or None if out.returncode == 0 else None
+  except OSError:
+    return None
+
+
+def versions() -> dict[str, str]:
+  out = {}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def base_record(spec: RunSpec, config, workdir: pathlib.Path, wall: float) -> dict:
+  """What every record holds: the run's coordinates, config, software versions and timing."""
+  return {**dataclasses.asdict(spec), "status": "ok", "config": config.to_dict(), "versions": versions(),
+          "git_commit": git_commit(), "workdir": str(workdir), "wall_time_s": round(wall, 2),
+          "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+class Sweep:
+  """Runs each spec once: finished runs (in results.jsonl) are skipped, a failure is recorded and the
+  sweep goes on, every record is appended as soon as its run ends. A context manager holding the
+  workdir's lock: a second sweep on the same workdir stops at once instead of racing this one."""
+
+  def __init__(self, workdir, total: int):
+    self.workdir = pathlib.Path(workdir)
+    self.lock = WorkdirLock(self.workdir)
+    self.total = total
+
+  def __enter__(self) -> Sweep:
+    self.lock.__enter__()
+    self.store = ResultsStore(self.workdir / "results.jsonl")
+    self.finished = self.store.finished()
+    self.bar = tqdm(total=self.total, desc="sweep", unit="run")
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.bar.close()
+    self.lock.__exit__(*exc)
+
+  def run(self, spec: RunSpec, config, execute: Callable[[pathlib.Path], dict],
+          summary: Callable[[dict], str]) -> dict:
+    """`execute(folder)` does the run and returns its record fields; `summary(record)` is its log line."""
+    self.bar.set_postfix_str(f"{spec.model} {spec.dataset} {spec.method} r{spec.regime:g} s{spec.seed}")
+    if spec.key(config) in self.finished:
+      self.bar.update(1)
+      return self.finished[spec.key(config)]
+    folder = self.workdir / "runs" / spec.folder(config)
+    start = time.perf_counter()
+    try:
+      fields = execute(folder)
+      record = {**base_record(spec, config, folder, time.perf_counter() - start), **fields}
+      self.bar.write(f"{spec.kind:9s} {spec.model} {spec.dataset} {spec.method} regime {spec.regime:g} seed "
+                     f"{spec.seed} lr {spec.lr:g}: {summary(record)} ({record['wall_time_s']:.0f} s)")
+    except Exception as e:  # noqa: BLE001  (a failed run is a result, not the end of the sweep)
+      logging.error("Run %s failed:\n%s", spec, traceback.format_exc())
+      record = {**base_record(spec, config, folder, time.perf_counter() - start), "status": "failed",
+                "error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"}
+      self.bar.write(f"FAILED {spec}: {type(e).__name__}: {e}")
+    record = json.loads(json.dumps(record))  # as stored (tuples as lists): a re-run returns equal records
+    self.store.append(record)
+    self.bar.update(1)
+    return record
