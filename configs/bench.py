@@ -41,7 +41,7 @@ def sweep(models, methods, datasets, regimes, seeds, smoke=False, plugins="") ->
   # The search budget: every candidate trains once on the largest regime with this seed.
   c.lr_search = ml_collections.ConfigDict({
       "grid": dict(presets.LR_GRIDS),  # per method; "default" for the rest (medpeft_jax/presets.py)
-      "seed": 0, "total_steps": 0})  # 0: the runs' own schedule
+      "seed": 0, "total_steps": 0, "regime": 0.0})  # 0: the runs' own schedule; 0.0: the largest regime
   c.run = classify.get_config(f"smoke={smoke},plugins={plugins}")
   c.report = ml_collections.ConfigDict({"metric": "f1_macro", "ties": "average", "combine_models": False,
                                         "bootstrap": 0})

@@ -50,12 +50,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # The dataset's build options (label_set, max_side, on_bad_image, ...) at its defaults, each settable.
   c.dataset_options = dataset_options_section(arg.dataset) if arg.dataset in DATASETS else {}
   c.workers = 0  # grain worker processes
+  c.cache_images_mb = 2048  # keep decoded images in memory up to this size (0: decode every time)
 
   c.batch_size = 8 if arg.smoke else 64  # global, per optimizer update
   c.eval_batch_size = 0  # 0: batch_size
   c.grad_accum = 1  # micro-batches per update
   c.epochs = 2 if arg.smoke else 30
-  c.total_steps = 0  # > 0 overrides epochs
+  c.min_steps = 0  # a floor on epochs x steps per epoch, for tiny regimes
+  c.total_steps = 0  # > 0 overrides epochs and min_steps
   c.lr = 0.0  # 0: the method's default (medpeft_jax/presets.py DEFAULT_LR)
   c.warmup_fraction = 0.1
   c.weight_decay = 1e-4
@@ -63,6 +65,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.label_smoothing = 0.0
   c.class_weighted = False  # inverse-frequency class weights in the loss
   c.bn_mode = "train"  # "train": BatchNorm uses and updates batch statistics; "frozen": running ones
+  c.linear_on_features = True  # `linear`: train the head on cached eval-mode trunk features (train/linear_probe.py)
 
   # Devices as data x fsdp (-1: all the rest). Base leaves whose path a `rules` regex fully matches
   # shard over fsdp ("fsdp", when >= min_shard_size elements) or not ("replicate"); adapters and

@@ -80,7 +80,7 @@ def _check_common(config) -> None:
 def check_classify(config: ml_collections.ConfigDict) -> None:
   """Validates a classification config (configs/classify.py) before anything is built."""
   _check_common(config)
-  _one_of(config, "model", [m for m in models.MODELS.names() if m != presets.UNET])
+  _one_of(config, "model", models.classifiers())
   _one_of(config, "method", [*peft.METHODS.names(), *presets.VARIANTS])
   _one_of(config, "bn_mode", BN_MODES)
   _one_of(config, "init", INITS)
@@ -89,12 +89,14 @@ def check_classify(config: ml_collections.ConfigDict) -> None:
   _within(config, "grad_accum", lambda v: v >= 1 and config.batch_size % v == 0,
           f"an integer >= 1 that divides batch_size={config.get('batch_size')}")
   _within(config, "total_steps", lambda v: v >= 0, "an integer >= 0 (0: use epochs)")
+  _within(config, "min_steps", lambda v: v >= 0, "an integer >= 0 (a floor on epochs x steps per epoch)")
   if config.get("total_steps", 0) <= 0:
     _within(config, "epochs", lambda v: v >= 1, "an integer >= 1 (or set total_steps > 0)")
   _within(config, "warmup_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)")
   _within(config, "label_smoothing", lambda v: 0 <= v < 1, "a fraction in [0, 1)")
   _within(config, "image_size", lambda v: v >= 0, "a number of pixels >= 0 (0: the model's own size)")
   _within(config, "workers", lambda v: v >= 0, "an integer >= 0")
+  _within(config, "cache_images_mb", lambda v: v >= 0, "a size in MiB >= 0 (0: no cache)")
 
 
 def check_t2i(config: ml_collections.ConfigDict) -> None:

@@ -30,7 +30,7 @@ class Prediction:
 def trunk_parameter_counts() -> dict[str, int]:
   """Parameters of every registered model without its head, at its pre-training resolution."""
   counts = {}
-  for name in models.MODELS:
+  for name in models.classifiers():
     spec = models.get_spec(name)
     model = spec.build(num_classes=0)
     x = jax.ShapeDtypeStruct((1, spec.image_size, spec.image_size, 3), jnp.float32)

@@ -110,3 +110,19 @@ def test_fsdp_parameters_are_never_whole_on_one_device():
   assert lines["WHOLE"] == "[]", lines["WHOLE"]
   sharded, total = map(int, lines["SHARDED_B"].split())
   assert total == 4 and sharded == total  # q and v of 2 blocks
+
+
+def test_linear_probe_on_cached_features_equals_the_whole_model(easy, tmp_path):
+  """The head trained on eval-mode trunk features, saved as a `linear` adapter, scores the same through the
+  whole model (launch.evaluate's path); a second run of the sweep's kind reuses the features and the program."""
+  from medpeft_jax.train import adapters_io  # noqa: PLC0415
+
+  config = smoke_config(easy, "resnet50", "linear", lr=3e-2, epochs=4)
+  first = trainer.train_and_evaluate(config, tmp_path / "a")
+  assert first["test"]["accuracy"] >= 0.6
+  whole = adapters_io.evaluate_adapter(tmp_path / "a" / "best_adapter", "test")
+  assert whole["f1_macro"] == pytest.approx(first["test"]["f1_macro"], abs=1e-6)
+  assert whole["auc"] == pytest.approx(first["test"]["auc"], abs=1e-5)
+  again = trainer.train_and_evaluate(smoke_config(easy, "resnet50", "linear", lr=1e-2, epochs=4, seed=1),
+                                     tmp_path / "b")
+  assert again["compile_time_s"] == 0.0

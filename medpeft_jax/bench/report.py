@@ -66,26 +66,37 @@ def _cm_metric(cm: np.ndarray, metric: str) -> float:
   return float(np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)))
 
 
-def bootstrap_interval(records: list[dict], metric: str, samples: int, seed: int = 0):
-  """95 % interval of the seed-mean: test examples resampled from each run's confusion matrix for
-  F1/accuracy/balanced accuracy, otherwise the seeds themselves (None with a single seed)."""
-  rng = np.random.default_rng(seed)
-  if metric in _CM_METRICS and all("confusion_matrix" in r["metrics"] for r in records):
-    cms = [np.asarray(r["metrics"]["confusion_matrix"]) for r in records]
-    means = [np.mean([_cm_metric(rng.multinomial(cm.sum(), (cm / cm.sum()).ravel()).reshape(cm.shape), metric)
-                      for cm in cms]) for _ in range(samples)]
-  elif len(records) > 1:
-    values = np.asarray([r["metrics"][metric] for r in records], np.float64)
-    means = rng.choice(values, (samples, len(values))).mean(axis=1)
-  else:
+def bootstrap_means(records: list[dict], metric: str, samples: int, rng: np.random.Generator) -> np.ndarray | None:
+  """`samples` bootstrap replicates of the seed-mean of `metric`: the seeds resampled with replacement and,
+  within each, its test examples resampled from its confusion matrix (F1, accuracy, balanced accuracy;
+  other metrics: the seeds only). None when there is nothing to resample (one seed, no confusion matrix)."""
+  with_cm = metric in _CM_METRICS and all("confusion_matrix" in r["metrics"] for r in records)
+  if not with_cm and len(records) < 2:
     return None
-  return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+  values = np.asarray([r["metrics"][metric] for r in records], np.float64)
+  cms = [np.asarray(r["metrics"]["confusion_matrix"]) for r in records] if with_cm else None
+  out = np.empty(samples)
+  for b in range(samples):
+    chosen = rng.integers(0, len(records), len(records))
+    if cms is None:
+      out[b] = values[chosen].mean()
+    else:
+      out[b] = np.mean([_cm_metric(rng.multinomial(cms[i].sum(), (cms[i] / cms[i].sum()).ravel())
+                                   .reshape(cms[i].shape), metric) for i in chosen])
+  return out
+
+
+def bootstrap_interval(records: list[dict], metric: str, samples: int, seed: int = 0):
+  """95 % percentile interval of the seed-mean, bootstrap over seeds and test examples (see `bootstrap_means`)."""
+  means = bootstrap_means(records, metric, samples, np.random.default_rng(seed))
+  return None if means is None else (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
 
 
 @dataclasses.dataclass
 class Cell:
   values: list[float]
   interval: tuple[float, float] | None = None
+  replicates: np.ndarray | None = None  # bootstrap replicates of the mean (for the interval and rank stability)
 
   @property
   def mean(self) -> float:
@@ -106,6 +117,8 @@ class Table:
   best: list[set[str]]
   average: dict[str, float]
   average_rank: dict[str, float]
+  seeds: int = 1  # the most runs (seeds) behind one cell
+  stability: dict[str, tuple[float, float]] | None = None  # method -> (keeps its row rank, keeps its place)
 
 
 def _rows(records: list[dict]):
@@ -133,6 +146,7 @@ def build_table(records: list[dict], model: str, metric: str = "f1_macro", ties:
             else f"{_format_count(counts[0])}–{_format_count(counts[-1])}") if counts else "?"
     headers.append(f"{m} ({span})")
   rows, best, ranks = [], [], collections.defaultdict(list)
+  rng = np.random.default_rng(0)
   for (dataset, regime), row_records, span in _rows(records):
     size = max(r.get("dataset_size", 0) for r in row_records)
     label = f"{dataset} @ {regime:g} ({size:,})" if span else f"{dataset} ({size:,})"
@@ -140,8 +154,10 @@ def build_table(records: list[dict], model: str, metric: str = "f1_macro", ties:
     for m in methods:
       runs = [r for r in row_records if r["method"] == m]
       if runs:
-        cells[m] = Cell([float(r["metrics"][metric]) for r in runs],
-                        bootstrap_interval(runs, metric, bootstrap) if bootstrap else None)
+        replicates = bootstrap_means(runs, metric, bootstrap, rng) if bootstrap else None
+        interval = None if replicates is None else (float(np.percentile(replicates, 2.5)),
+                                                    float(np.percentile(replicates, 97.5)))
+        cells[m] = Cell([float(r["metrics"][metric]) for r in runs], interval, replicates)
     means = {m: c.mean for m, c in cells.items()}
     target = min(means.values()) if ascending else max(means.values())
     best.append({m for m, v in means.items() if round(v, 6) == round(target, 6)})
@@ -150,7 +166,36 @@ def build_table(records: list[dict], model: str, metric: str = "f1_macro", ties:
     rows.append((label, cells))
   average = {m: float(np.mean([cells[m].mean for _, cells in rows if m in cells])) for m in methods}
   average_rank = {m: float(np.mean(ranks[m])) for m in methods}
-  return Table(model, metric, methods, headers, rows, best, average, average_rank)
+  seeds = max(len(c.values) for _, cells in rows for c in cells.values())
+  return Table(model, metric, methods, headers, rows, best, average, average_rank, seeds,
+               rank_stability(rows, methods, average_rank, ties, ascending) if bootstrap else None)
+
+
+def rank_stability(rows, methods: list[str], average_rank: dict[str, float], ties: str, ascending: bool):
+  """How often each method keeps its rank when every cell is replaced by a bootstrap replicate.
+
+  Returns {method: (share of (replicate, row) pairs where its rank in the row equals the observed
+  one, share of replicates where its place in the Average Rank order equals the observed one)}.
+  Needs every cell of a row to have replicates; rows without are left out.
+  """
+  usable = [cells for _, cells in rows if cells and all(c.replicates is not None for c in cells.values())]
+  if not usable:
+    return None
+  samples = min(len(c.replicates) for cells in usable for c in cells.values())
+  observed_place = rank_values({m: -v for m, v in average_rank.items()}, "dense")
+  kept_row, kept_place = collections.Counter(), collections.Counter()
+  for b in range(samples):
+    resampled = collections.defaultdict(list)
+    for cells in usable:
+      observed = rank_values({m: c.mean for m, c in cells.items()}, ties, ascending)
+      for m, rank in rank_values({m: float(c.replicates[b]) for m, c in cells.items()}, ties, ascending).items():
+        kept_row[m] += rank == observed[m]
+        resampled[m].append(rank)
+    place = rank_values({m: -float(np.mean(v)) for m, v in resampled.items()}, "dense")
+    for m in place:
+      kept_place[m] += place[m] == observed_place[m]
+  rows_per = {m: sum(m in cells for cells in usable) for m in methods}
+  return {m: (kept_row[m] / (samples * rows_per[m]), kept_place[m] / samples) for m in methods if rows_per[m]}
 
 
 def combined_average_rank(records: list[dict], metric: str = "f1_macro", ties: str = "average") -> dict[str, float]:
@@ -193,7 +238,27 @@ def to_markdown(table: Table) -> str:
     lines.append(f"| {label} | " + " | ".join(texts) + " |")
   for label, values in _summary_rows(table):
     lines.append(f"| {label} | " + " | ".join(values[m] for m in table.methods) + " |")
+  lines += ["", _uncertainty_note(table)]
+  if table.stability:
+    lines += ["", "| rank stability | " + " | ".join(table.methods) + " |", "|---|" + "---:|" * len(table.methods),
+              "| keeps its row rank | " + " | ".join(f"{100 * table.stability[m][0]:.0f} %" for m in table.methods)
+              + " |",
+              "| keeps its Average Rank place | " + " | ".join(f"{100 * table.stability[m][1]:.0f} %"
+                                                            for m in table.methods) + " |"]
   return "\n".join(lines) + "\n"
+
+
+def _uncertainty_note(table: Table) -> str:
+  """What the cells are, in one sentence under the table."""
+  n = table.seeds
+  spread = f"mean ± std over {n} seeds" if n > 1 else "one seed per cell (no spread shown)"
+  replicates = next((len(c.replicates) for _, cells in table.rows for c in cells.values()
+                     if c.replicates is not None), 0)
+  interval = (f"; [lo, hi]: 95 % percentile interval of the mean from {replicates} bootstrap replicates "
+              "(seeds resampled, and each seed's test images resampled from its confusion matrix)"
+              if replicates else "")
+  return (f"_Cells: {spread}{interval}. Best mean in bold; Average Rank ranks the cell means within each row "
+          "and averages them._")
 
 
 def to_csv(table: Table) -> str:

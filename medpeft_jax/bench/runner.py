@@ -1,8 +1,9 @@
 """The sweep runner: models x methods x datasets x regimes x seeds, with a learning-rate search.
 
 For each (model, method, dataset) the learning rate is either fixed by the config (`lr.<method>`) or
-searched: every candidate of `lr_search.grid` trains once (seed `lr_search.seed`, the sweep's largest
-regime, `lr_search.total_steps` steps) and the best validation macro-F1 wins — the paper tuned the
+searched: every candidate of `lr_search.grid` trains once (seed `lr_search.seed`, regime
+`lr_search.regime` (0: the sweep's largest), `lr_search.total_steps` steps (0: the runs' own schedule,
+and then the winner is adopted as that seed's final run)) and the best validation macro-F1 wins — the paper tuned the
 LR per method on validation; PEFT prefers ~10x higher LRs than full fine-tuning, hence separate
 grids. Then every regime x seed trains with it. Each run is one `train_and_evaluate` in its own
 folder (so a killed run resumes where it was); finished runs are skipped on re-runs; a failing
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from medpeft_jax import config_checks, models, presets
+from medpeft_jax.bench.store import config_hash
 from medpeft_jax.bench.sweep import RunSpec, Sweep, checkpoint_hashes
 from medpeft_jax.train import trainer
 
@@ -50,12 +52,14 @@ def _classification_fields(config, results: dict) -> dict:
   return {"dataset_size": results["dataset_size"], "metrics": results["test"], "validation": results["validation"],
           "trainable_params": results["trainable_params"], "total_params": results["total_params"],
           "step_time_s": results["step_time_s"], "xla_memory_estimate_bytes": results["xla_memory_estimate_bytes"],
-          "adapter_bytes": results["adapter_bytes"], "checkpoint_sha256": checkpoint_hashes(config.weights)}
+          "adapter_bytes": results["adapter_bytes"], "checkpoint_sha256": checkpoint_hashes(config.weights),
+          "best_step": results["best_step"], "last_step": results["last_step"],
+          "compile_time_s": results["compile_time_s"]}
 
 
 def run_classification_sweep(bench: ml_collections.ConfigDict, workdir) -> list[dict]:
   """Runs every missing run of the sweep into `workdir` (results.jsonl + runs/); returns the records."""
-  largest = max(bench.regimes)
+  largest = float(bench.lr_search.get("regime") or max(bench.regimes))  # where the LR search trains
   cells = [(m, d, meth) for m in bench.models for d in bench.datasets for meth in bench.methods]
   searches = {cell: lr_candidates(bench, cell[2]) for cell in cells}
   for model, dataset, method in cells:  # every run's config is valid before the first one starts
@@ -75,7 +79,7 @@ def _run_cells(bench, sweep: Sweep, cells, searches, largest) -> list[dict]:
 
   records = []
   for model, dataset, method in cells:
-    candidates = searches[(model, dataset, method)]
+    candidates, trials = searches[(model, dataset, method)], []
     lr = candidates[0]
     if len(candidates) > 1:
       trials = [run(RunSpec("lr_search", model, method, dataset, largest, bench.lr_search.seed, c))
@@ -84,7 +88,14 @@ def _run_cells(bench, sweep: Sweep, cells, searches, largest) -> list[dict]:
       if ok:  # best validation macro-F1; ties go to the smaller learning rate
         lr = max(ok, key=lambda t: (t["validation"]["f1_macro"], -t["lr"]))["lr"]
       records += trials
+    winner = next((t for t in trials if t["status"] == "ok" and t["lr"] == lr), None) if len(candidates) > 1 else None
     for regime in bench.regimes:
       for seed in bench.seeds:
-        records.append(run(RunSpec("final", model, method, dataset, float(regime), int(seed), lr)))
+        spec = RunSpec("final", model, method, dataset, float(regime), int(seed), lr)
+        config = run_config(bench, spec)
+        if (winner and float(regime) == largest and int(seed) == bench.lr_search.seed
+                and config_hash(config) == config_hash(winner["config"])):
+          records.append(sweep.adopt(spec, config, winner))  # the same run: trained once
+        else:
+          records.append(run(spec))
   return records

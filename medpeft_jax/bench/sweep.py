@@ -117,6 +117,15 @@ class Sweep:
     self.bar.close()
     self.lock.__exit__(*exc)
 
+  def adopt(self, spec: RunSpec, config, record: dict) -> dict:
+    """Records an identical run already made under another kind (the LR search's winner, trained with the
+    final runs' own schedule, is the final run of its regime and seed) instead of training it again."""
+    if spec.key(config) not in self.finished:
+      self.store.append({**record, "kind": spec.kind, "adopted_from": record["kind"]})
+      self.finished[spec.key(config)] = self.store.finished()[spec.key(config)]
+    self.bar.update(1)
+    return self.finished[spec.key(config)]
+
   def run(self, spec: RunSpec, config, execute: Callable[[pathlib.Path], dict],
           summary: Callable[[dict], str]) -> dict:
     """`execute(folder)` does the run and returns its record fields; `summary(record)` is its log line."""

@@ -22,7 +22,7 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import flags
+from absl import flags, logging
 from PIL import Image
 
 from medpeft_jax.data.regimes import check_regime, regime_indices
@@ -40,7 +40,7 @@ class Split:
   def __init__(self, builder, split: str, regime: float = 1.0, regime_seed: int = 0):
     regime = check_regime(regime)
     self.builder, self.split, self.regime, self.regime_seed = builder, split, regime, regime_seed
-    self._source = None
+    self._source, self._decoded = None, None
     labels = np.asarray([self.source[i]["label"] for i in range(len(self.source))], np.int32)
     self.indices = regime_indices(labels, regime, regime_seed) if regime < 1.0 else np.arange(len(labels))
     self.labels = labels[self.indices]
@@ -65,13 +65,41 @@ class Split:
     return len(self.indices)
 
   def __getitem__(self, i: int):
+    if self._decoded is not None:
+      return {"image": self._decoded[int(self.indices[i])], "label": int(self.labels[i])}
     return self.source[int(self.indices[i])]
+
+  def cache_decoded(self, budget_bytes: int) -> bool:
+    """Keeps the split's images decoded in memory (shared by every Split of the same build and split),
+    so the loop's pace does not depend on reading and decoding the stored JPEGs: a regime of 5 % and
+    of 100 % then step alike. Skipped (False, logged) when the decoded split would exceed the budget."""
+    key = (str(self.builder.data_path), self.split)
+    if key not in _DECODED:
+      n = len(self.source)
+      sample = [np.asarray(decode(self.source[i]["image"])) for i in range(min(n, 16))]
+      estimate = int(np.mean([a.nbytes for a in sample]) * n)
+      if estimate > budget_bytes:
+        logging.info("Not caching %s %s decoded: about %d MiB, over the %d MiB budget.", self.builder.name,
+                     self.split, estimate >> 20, budget_bytes >> 20)
+        return False
+      if len(_DECODED) >= 4:
+        _DECODED.pop(next(iter(_DECODED)))
+      _DECODED[key] = [np.asarray(decode(self.source[i]["image"])) for i in range(n)]
+    self._decoded = _DECODED[key]
+    return True
 
   def class_counts(self) -> np.ndarray:
     return np.bincount(self.labels, minlength=self.num_classes)
 
 
-def decode(data: bytes) -> Image.Image:
+# Decoded splits (Split.cache_decoded), by (build folder, split); the last four are kept.
+_DECODED: dict[tuple[str, str], list[np.ndarray]] = {}
+
+
+def decode(data) -> Image.Image:
+  """A stored image (JPEG bytes, or an already decoded uint8 array) as an RGB PIL image."""
+  if isinstance(data, np.ndarray):
+    return Image.fromarray(data)
   return to_rgb(Image.open(io.BytesIO(data)))
 
 

@@ -9,7 +9,15 @@ takes `train=` (BatchNorm models need `mutable=["batch_stats"]` when training) a
 """
 
 from medpeft_jax.models.weights.loader import CheckpointMismatchError, LoadReport, load_pretrained
-from medpeft_jax.models.zoo import MODELS, ModelSpec, create_model, get_spec, imagenet_classes, register_model
+from medpeft_jax.models.zoo import (
+  MODELS,
+  ModelSpec,
+  classifiers,
+  create_model,
+  get_spec,
+  imagenet_classes,
+  register_model,
+)
 
-__all__ = ["MODELS", "CheckpointMismatchError", "LoadReport", "ModelSpec", "create_model", "get_spec",
+__all__ = ["MODELS", "CheckpointMismatchError", "classifiers", "LoadReport", "ModelSpec", "create_model", "get_spec",
            "imagenet_classes", "load_pretrained", "register_model"]

@@ -30,15 +30,21 @@ class ModelSpec:
   mean: tuple[float, float, float]  # input normalisation of the pre-trained weights (RGB in [0, 1])
   std: tuple[float, float, float]
   weights: str  # where to get pre-trained weights, quoted by errors when a path is missing
+  task: str = "classification"  # or "t2i": the Stable Diffusion U-Net (no head, other inputs)
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(name: str, family: str, build: Callable[..., nn.Module], image_size: int, mean, std,
-                   weights: str) -> ModelSpec:
+                   weights: str, task: str = "classification") -> ModelSpec:
   """Registers a model under `name` (a new family = its module + this call, see README "Extending")."""
-  return MODELS.register(name, ModelSpec(name, family, build, image_size, tuple(mean), tuple(std), weights))
+  return MODELS.register(name, ModelSpec(name, family, build, image_size, tuple(mean), tuple(std), weights, task))
+
+
+def classifiers() -> list[str]:
+  """The registered image classifiers (every model but the text-to-image U-Net)."""
+  return [name for name in MODELS if MODELS.get(name).task == "classification"]
 
 
 _AUGREG = "gs://vit_models/augreg/"
@@ -89,7 +95,8 @@ def _unet(num_classes: int = 0, config: UNetConfig | None = None, **overrides) -
 # The text-to-image trainer builds it from a pipeline folder's unet/config.json (models.weights.diffusers);
 # registered so that its method presets, counts and records name it like every other model.
 register_model("stable_diffusion_unet", "unet", _unet, 512, INCEPTION_MEAN, INCEPTION_STD,
-          "the `unet/` folder of Hugging Face `stable-diffusion-v1-5/stable-diffusion-v1-5` (diffusers format)")
+          "the `unet/` folder of Hugging Face `stable-diffusion-v1-5/stable-diffusion-v1-5` (diffusers format)",
+               task="t2i")
 
 
 def get_spec(name: str) -> ModelSpec:

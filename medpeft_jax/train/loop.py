@@ -199,10 +199,10 @@ def run(task: Task, workdir, settings: LoopSettings, logger: logs.RunLogger) -> 
       tracing = False
       logs.log_info("Profile of steps %d-%d written to %s.", settings.profile_steps[0], step, workdir / "profile")
     due = [e for e in task.evaluators if e.due(step, total)]
-    checkpointing = bool(due) or step % settings.checkpoint_every == 0 or step == total
-    if step % settings.log_every == 0 or checkpointing:
+    checkpointing = step % settings.checkpoint_every == 0 or step == total
+    if step % settings.log_every == 0 or due or checkpointing:
       read_back()
-    if not checkpointing:
+    if not (due or checkpointing):
       continue
     if not bool(all_finite(state.trainable)):
       raise stop(f"Non-finite trainable values ({', '.join(non_finite_leaves(state.trainable))})", step)
@@ -211,9 +211,12 @@ def run(task: Task, workdir, settings: LoopSettings, logger: logs.RunLogger) -> 
       logger.write(step, evaluator.name, metrics)
       scalars = [f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)][:4]
       bar.write(f"step {step}: {evaluator.name} {', '.join(scalars)}")
-    checkpoints.save(step, state, {"batches": task.batches.state(),
-                                   "evaluators": {e.name: e.state() for e in task.evaluators}})
-    last_finite = step
+    # Evaluations need no checkpoint of their own: a run resumed from an earlier one repeats them exactly
+    # (batches and evaluators are restored with the state). An early stop is checkpointed, so it stays stopped.
+    if checkpointing or stop_requested():
+      checkpoints.save(step, state, {"batches": task.batches.state(),
+                                     "evaluators": {e.name: e.state() for e in task.evaluators}})
+      last_finite = step
     pending.restart_clock()
   read_back()
   bar.close()

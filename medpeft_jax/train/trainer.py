@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from medpeft_jax import config_checks, data, models, peft, presets
-from medpeft_jax.train import logs, loop, optim, sharding
+from medpeft_jax.train import linear_probe, logs, loop, optim, sharding
 from medpeft_jax.train.metrics import classification_metrics
 from medpeft_jax.train.programs import PROGRAMS, xla_memory_estimate
 from medpeft_jax.train.step import classification_loss, init_train_state, make_train_step, per_example_weights
@@ -195,6 +195,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   builder = load_dataset(config)
   train_split = data.Split(builder, "train", regime=config.regime, regime_seed=config.seed)
   val_split, test_split = data.Split(builder, "validation"), data.Split(builder, "test")
+  for split in (train_split, val_split, test_split) if config.get("cache_images_mb", 0) else ():
+    split.cache_decoded(config.cache_images_mb << 20)
   spec = models.get_spec(config.model)
   size = config.image_size or spec.image_size
   preprocessing = {"image_size": size, "mean": list(spec.mean), "std": list(spec.std)}
@@ -206,7 +208,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if steps_per_epoch == 0:
     raise ValueError(f"{len(train_split)} training images (regime {config.regime}) do not fill one batch of "
                      f"config.batch_size={config.batch_size}; lower the batch size or use a larger regime.")
-  total_steps = config.total_steps or config.epochs * steps_per_epoch
+  # The paper's budget is in epochs; a floor of steps keeps tiny regimes (a few batches an epoch) trainable.
+  total_steps = config.total_steps or max(config.epochs * steps_per_epoch, config.get("min_steps", 0))
   name = presets.variant_name(config.method, config.init)
   lr = config.lr or presets.default_lr(name)
   warmup = min(int(config.warmup_fraction * total_steps), max(total_steps - 1, 0))
@@ -225,22 +228,49 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 sum(s.spec != sharding.P() for s in leaves), len(leaves))
 
   batch_sh = sharding.batch_sharding(mesh)
-  batch_spec = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh),
-                "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh),
-                "weight": jax.ShapeDtypeStruct((config.batch_size,), jnp.float32, sharding=batch_sh)}
-  statics = (model, method, optimizer_spec, config.label_smoothing, config.bn_mode, config.grad_accum)
-  make_step = functools.partial(make_train_step, model, method, optimizer,
-                                loss_fn=classification_loss(config.label_smoothing),
-                                update_batch_stats=config.bn_mode == "train", grad_accum=config.grad_accum, jit=False)
-  params_sh = jax.tree.map(lambda x: x.sharding, params)
+  splits = {"train": train_split, "validation": val_split, "test": test_split}
+  eval_batch = config.eval_batch_size or config.batch_size
+  if config.method == "linear" and config.get("linear_on_features", False):
+    # The frozen trunk runs once per image (train/linear_probe.py); only the head steps.
+    trunk, trunk_variables = linear_probe.trunk_of(spec, model_overrides(config), variables)
+    key = {"model": config.model, "overrides": str(model_overrides(config)), "init": config.init,
+           "weights": config.weights, "seed": config.seed if config.init == "random" else None, "size": size}
+    features = {name: linear_probe.split_features(key, trunk, trunk_variables, split, image_size=size, mean=spec.mean,
+                                                  std=spec.std, batch_size=eval_batch) for name, split in splits.items()}
+    width = features["train"][0].shape[-1]
+    batch_spec = {"features": jax.ShapeDtypeStruct((config.batch_size, width), jnp.float32, sharding=batch_sh)}
+    statics = ("linear probe on features", optimizer_spec, config.label_smoothing)
+    make_step = functools.partial(linear_probe.make_head_step, optimizer, config.label_smoothing)
+    step_params, batches = {}, linear_probe.FeatureBatches(*features["train"], config.batch_size, config.seed,
+                                                              mesh, weights)
+
+    def evaluate_on(trainable, batch_stats, name):
+      del batch_stats  # the trunk ran in evaluation mode with the base statistics
+      return linear_probe.evaluate_features(trainable, *features[name], train_split.class_names)
+  else:
+    batch_spec = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh)}
+    statics = (model, method, optimizer_spec, config.label_smoothing, config.bn_mode, config.grad_accum)
+    make_step = functools.partial(make_train_step, model, method, optimizer,
+                                  loss_fn=classification_loss(config.label_smoothing),
+                                  update_batch_stats=config.bn_mode == "train", grad_accum=config.grad_accum,
+                                  jit=False)
+    loader = data.train_loader(train_split, image_size=size, mean=spec.mean, std=spec.std,
+                               batch_size=config.batch_size, seed=config.seed, worker_count=config.workers)
+    step_params, batches = params, GrainBatches(loader, mesh, weights)
+    predict = functools.partial(make_predict(model, method), derived=derived)
+
+    def evaluate_on(trainable, batch_stats, name):
+      return evaluate_split(predict, trainable, params, batch_stats, splits[name], image_size=size, mean=spec.mean,
+                            std=spec.std, mesh=mesh, batch_size=eval_batch, workers=config.workers)
+  batch_spec.update({"label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh),
+                     "weight": jax.ShapeDtypeStruct((config.batch_size,), jnp.float32, sharding=batch_sh)})
+  step_params_sh = jax.tree.map(lambda x: x.sharding, step_params)
   train_step, compile_s = PROGRAMS.compile_once(
-      statics, make_step, (state, params, batch_spec, derived), in_shardings=(state_sh, params_sh, batch_sh, derived_sh),
+      statics, make_step, (state, step_params, batch_spec, derived),
+      in_shardings=(state_sh, step_params_sh, batch_sh, derived_sh),
       out_shardings=(state_sh, sharding.NamedSharding(mesh, sharding.P())), donate_argnums=0,
       name=f"{config.model} + {config.method} train step")
 
-  predict = functools.partial(make_predict(model, method), derived=derived)
-  evaluate = functools.partial(evaluate_split, predict, image_size=size, mean=spec.mean, std=spec.std, mesh=mesh,
-                               batch_size=config.eval_batch_size or config.batch_size, workers=config.workers)
   count = method.count(params, state.trainable)
   logs.log_info("%s + %s (init %s) on %s (regime %s: %d training images, %d steps of %d, lr %g): %s\n%s",
                 config.model, config.method, config.init, config.dataset, config.regime, len(train_split),
@@ -254,18 +284,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     multihost_utils.sync_global_devices("best adapter saved")
 
   validation = Validation(config.eval_every or steps_per_epoch,
-                          lambda trainable, stats: evaluate(trainable, params, stats, val_split), save_best,
+                          lambda trainable, stats: evaluate_on(trainable, stats, "validation"), save_best,
                           config.get("patience", 0))
-  loader = data.train_loader(train_split, image_size=size, mean=spec.mean, std=spec.std,
-                             batch_size=config.batch_size, seed=config.seed, worker_count=config.workers)
   identity = {**{k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING},
               "build": builder.builder_config.name, "class_names": list(train_split.class_names),
               "dataset_size": len(train_split), "total_steps": total_steps, "lr": lr}
   clip = (f"; gradients are clipped to global norm {config.grad_clip:g}" if config.grad_clip
           else " or enable gradient clipping (config.grad_clip)")
   task = loop.Task(
-      name=f"{name} {config.dataset}", state=state, step=train_step, params=params, derived=derived,
-      batches=GrainBatches(loader, mesh, weights), evaluators=[validation], total_steps=total_steps,
+      name=f"{name} {config.dataset}", state=state, step=train_step, params=step_params, derived=derived,
+      batches=batches, evaluators=[validation], total_steps=total_steps,
       identity=identity, learning_rate=lambda at: float(optim.learning_rate(at - 1, lr, warmup, total_steps, "cosine")),
       hint=clip)
   start, stop = config.profile_steps
@@ -274,7 +302,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                                      (start, stop) if stop > start else None), logger)
 
   adapter = peft.load_adapter(workdir / "best_adapter")
-  test = evaluate(adapter.trainable, params, adapter.batch_stats or {}, test_split)
+  test = evaluate_on(adapter.trainable, adapter.batch_stats or {}, "test")
   logger.write(total_steps, "test", test)
   results = {
       "model": config.model, "method": name, "dataset": config.dataset,
