@@ -83,8 +83,8 @@ def test_write_report_files(tmp_path):
              for m, v, p in (("full", 0.4 + 0.5 * r, 10**7), ("lora", 0.6 + 0.2 * r, 10**5))]
   markdown = bench.write_report(records, tmp_path, ties="dense", combine_models=True, bootstrap=50)
   names = sorted(p.name for p in tmp_path.iterdir())
-  assert names == ["combined_rank.md", "params_m1.png", "regimes_m1_d1.png", "report.md", "table_m1.csv",
-                   "table_m1.md", "table_m1.tex"]
+  assert names == ["combined_rank.md", "params_m1.png", "rank_stability_m1.png", "regimes_m1_d1.png", "report.md",
+                   "table_m1.csv", "table_m1.md", "table_m1.tex"]
   assert "Combined Average Rank" in markdown and r"\textbf" in (tmp_path / "table_m1.tex").read_text()
   # full and lora cross between 20 % and 100 %: the Fig. 1 helper finds the crossing.
   crossing = report._crossings([5, 20, 100], [0.425, 0.5, 0.9], [0.61, 0.64, 0.8])

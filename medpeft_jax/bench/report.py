@@ -390,6 +390,27 @@ def plot_parameters(records: list[dict], metric: str, out_dir: pathlib.Path) -> 
   return paths
 
 
+def plot_rank_stability(table: Table, out_dir: pathlib.Path) -> pathlib.Path:
+  """How often each method keeps its row rank and its Average Rank place under bootstrap resampling."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  methods = list(table.stability)
+  x = np.arange(len(methods))
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.bar(x - 0.2, [100 * table.stability[m][0] for m in methods], 0.4, label="keeps its row rank")
+  ax.bar(x + 0.2, [100 * table.stability[m][1] for m in methods], 0.4, label="keeps its Average Rank place")
+  ax.set_xticks(x, methods)
+  ax.set_ylim(0, 100)
+  ax.set_ylabel("% of bootstrap replicates")
+  ax.set_title(f"{table.model}: rank stability")
+  ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+  ax.grid(alpha=0.3, axis="y")
+  return _save(fig, out_dir / f"rank_stability_{table.model}.png")
+
+
 def write_report(records: list[dict], out_dir: str | os.PathLike, metric: str = "f1_macro",
                  ties: str = "average", combine_models: bool = False, bootstrap: int = 0) -> str:
   """Writes every table (md, csv, tex) and plot into `out_dir`; returns the Markdown of the tables."""
@@ -398,9 +419,10 @@ def write_report(records: list[dict], out_dir: str | os.PathLike, metric: str = 
   records = final_records(records)
   if not records:
     raise ValueError("No finished final runs to report.")
-  parts = []
+  parts, tables = [], []
   for model in dict.fromkeys(r["model"] for r in records):
     table = build_table(records, model, metric, ties, bootstrap)
+    tables.append(table)
     for suffix, text in (("md", to_markdown(table)), ("csv", to_csv(table)), ("tex", to_latex(table))):
       (out_dir / f"table_{model}.{suffix}").write_text(text)
     parts.append(to_markdown(table))
@@ -410,7 +432,8 @@ def write_report(records: list[dict], out_dir: str | os.PathLike, metric: str = 
             + "---:|" * len(ranks) + "\n| " + " | ".join(f"{v:.2f}" for v in ranks.values()) + " |\n")
     (out_dir / "combined_rank.md").write_text(text)
     parts.append(text)
-  plots = plot_regimes(records, metric, out_dir) + plot_parameters(records, metric, out_dir)
+  plots = (plot_regimes(records, metric, out_dir) + plot_parameters(records, metric, out_dir)
+           + [plot_rank_stability(t, out_dir) for t in tables if t.stability])
   markdown = "\n".join(parts)
   (out_dir / "report.md").write_text(markdown + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots) + "\n")
   return markdown
