@@ -74,7 +74,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                       "rules": sharding.DEFAULT_RULES})
   c.eval_every = 0  # steps; 0: every epoch
   c.patience = 0  # early stopping: evaluations without a better validation macro-F1 before stopping; 0: off
-  c.checkpoint_every = 4 if arg.smoke else 200  # steps (also at every evaluation)
+  c.checkpoint_every = 4 if arg.smoke else 200  # steps (and at the end)
   c.keep_checkpoints = 2
   c.log_every = 1 if arg.smoke else 10
   c.progress = True  # progress bar

@@ -79,3 +79,9 @@ def read_safetensors(path: str | os.PathLike, fix: str = "re-download or re-save
                     f"bytes, its header gives it {end - start:,}")
     out[name] = np.array(np.frombuffer(data[base + start:base + end], dtype=dtype).reshape(info["shape"]))
   return out
+
+
+def fingerprint(path: str | os.PathLike) -> list:
+  """[name, size, mtime] of a file: cheap, and different when the file under a path is replaced."""
+  stat = pathlib.Path(path).stat()
+  return [pathlib.Path(path).name, stat.st_size, int(stat.st_mtime)]

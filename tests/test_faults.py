@@ -401,3 +401,22 @@ def test_second_sweep_on_a_workdir_stops_before_writing(tmp_path):
   with WorkdirLock(tmp_path), pytest.raises(WorkdirLockedError, match=r"is in use by process \d+"):
     bench.run_sweep(config, tmp_path)
   assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "runs").exists()
+
+
+def _cell_record(seed, lr=1e-3, f1=0.8, epochs=2):
+  return {"kind": "final", "status": "ok", "model": "m", "method": "lora", "dataset": "d", "regime": 1.0,
+          "seed": seed, "lr": lr, "dataset_size": 10, "metrics": {"f1_macro": f1},
+          "config": {"seed": seed, "lr": lr, "epochs": epochs}}
+
+
+@pytest.mark.parametrize("records, message", [
+    ([_cell_record(0), _cell_record(1, lr=3e-3)], r"made under 2 different configs \(learning rates \[0.001, 0.003\]\)"),
+    ([_cell_record(0), _cell_record(1, epochs=10)], r"made under 2 different configs"),
+    ([_cell_record(0), _cell_record(0, f1=0.7)], r"seed\(s\) \[0\] recorded more than once"),
+    ([_cell_record(0), _cell_record(1, f1=float("nan"))], r"f1_macro is not finite for seed\(s\) \[1\]")])
+def test_report_never_pools_protocols_seeds_twice_or_nan(records, message, tmp_path):
+  from medpeft_jax import bench  # noqa: PLC0415
+
+  with pytest.raises(ValueError, match=message):
+    bench.write_report(records, tmp_path)
+  assert bench.write_report([_cell_record(0), _cell_record(1, f1=0.7)], tmp_path)  # one protocol, two seeds: fine

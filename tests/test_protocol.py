@@ -8,7 +8,6 @@ from absl import flags
 
 from configs import bench as bench_config
 from medpeft_jax import bench
-from medpeft_jax.bench import report
 
 flags.FLAGS.mark_as_parsed()
 

@@ -135,9 +135,9 @@ def test_non_finite_loss_stops_naming_the_step(easy, tmp_path):
 
 # --- processes: kill and resume, simulated devices, two processes -----------------------------------------
 
-def _launch(easy, workdir, *extra, env=None, **popen):
+def _launch(easy, workdir, *extra, env=None, method="lora", **popen):
   command = [sys.executable, "-m", "launch.train", "--config",
-             "configs/classify.py:model=vit_b16,method=lora,dataset=image_folder,smoke=True",
+             f"configs/classify.py:model=vit_b16,method={method},dataset=image_folder,smoke=True",
              f"--config.manual_dir={easy['manual_dir']}", f"--config.data_dir={easy['data_dir']}",
              "--config.epochs=3", "--config.progress=False", f"--workdir={workdir}", *extra]
   return subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
@@ -184,11 +184,12 @@ def test_8_simulated_devices_match_1_device(easy, tmp_path):
   np.testing.assert_allclose(_train_losses(tmp_path / "eight"), _train_losses(tmp_path / "one"), rtol=1e-4)
 
 
-def test_two_processes_match_one(easy, tmp_path):
-  port = 20000 + os.getpid() % 20000
+@pytest.mark.parametrize("method", ["lora", "linear"])  # linear: the probe on features gathered from both
+def test_two_processes_match_one(easy, tmp_path, method):
+  port = 20000 + os.getpid() % 20000 + (method == "linear")
   common = ("--config.epochs=1", f"--coordinator=127.0.0.1:{port}", "--num_processes=2")
-  workers = [_launch(easy, tmp_path / "two", *common, f"--process_id={i}") for i in range(2)]
-  reference = _launch(easy, tmp_path / "one", "--config.epochs=1", "--config.mesh.data=2",
+  workers = [_launch(easy, tmp_path / "two", *common, f"--process_id={i}", method=method) for i in range(2)]
+  reference = _launch(easy, tmp_path / "one", "--config.epochs=1", "--config.mesh.data=2", method=method,
                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   for w in workers:
     _finish(w)

@@ -17,9 +17,11 @@ import collections
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import pathlib
+import zlib
 
 import numpy as np
 
@@ -146,7 +148,6 @@ def build_table(records: list[dict], model: str, metric: str = "f1_macro", ties:
             else f"{_format_count(counts[0])}–{_format_count(counts[-1])}") if counts else "?"
     headers.append(f"{m} ({span})")
   rows, best, ranks = [], [], collections.defaultdict(list)
-  rng = np.random.default_rng(0)
   for (dataset, regime), row_records, span in _rows(records):
     size = max(r.get("dataset_size", 0) for r in row_records)
     label = f"{dataset} @ {regime:g} ({size:,})" if span else f"{dataset} ({size:,})"
@@ -154,6 +155,9 @@ def build_table(records: list[dict], model: str, metric: str = "f1_macro", ties:
     for m in methods:
       runs = [r for r in row_records if r["method"] == m]
       if runs:
+        check_cell(runs, metric)
+        # A cell's own seeded stream: its interval does not change when other cells are added.
+        rng = np.random.default_rng(zlib.crc32(f"{model}/{dataset}/{regime}/{m}/{metric}".encode()))
         replicates = bootstrap_means(runs, metric, bootstrap, rng) if bootstrap else None
         interval = None if replicates is None else (float(np.percentile(replicates, 2.5)),
                                                     float(np.percentile(replicates, 97.5)))
@@ -169,6 +173,32 @@ def build_table(records: list[dict], model: str, metric: str = "f1_macro", ties:
   seeds = max(len(c.values) for _, cells in rows for c in cells.values())
   return Table(model, metric, methods, headers, rows, best, average, average_rank, seeds,
                rank_stability(rows, methods, average_rank, ties, ascending) if bootstrap else None)
+
+
+def _protocol(record: dict) -> str:
+  """What a cell's runs must share: everything in their config but the seed (and the learning rate)."""
+  config = {k: v for k, v in (record.get("config") or {}).items() if k != "seed"}
+  return json.dumps([config, record.get("lr")], sort_keys=True, default=str)
+
+
+def check_cell(runs: list[dict], metric: str) -> None:
+  """A cell averages seeds of one protocol: runs made under other configs or learning rates (two sweeps
+  in one results file), a seed twice, or a non-finite metric are errors, never a silently pooled mean."""
+  where = f"{runs[0]['model']} {runs[0]['method']} on {runs[0]['dataset']} @ {runs[0]['regime']}"
+  protocols = collections.Counter(_protocol(r) for r in runs)
+  if len(protocols) > 1:
+    lrs = sorted({r.get("lr") for r in runs})
+    raise ValueError(f"{where}: its runs were made under {len(protocols)} different configs (learning rates "
+                     f"{lrs}); report them from separate results files (one workdir per protocol), or drop the "
+                     "records of the protocol you do not want.")
+  seeds = [r.get("seed") for r in runs]
+  if len(set(seeds)) < len(seeds):
+    raise ValueError(f"{where}: seed(s) {sorted({s for s in seeds if seeds.count(s) > 1})} recorded more than "
+                     "once; keep one record per seed.")
+  bad = [r.get("seed") for r in runs if not math.isfinite(float(r["metrics"][metric]))]
+  if bad:
+    raise ValueError(f"{where}: {metric} is not finite for seed(s) {bad} (e.g. an AUC on a test split with one "
+                     "class); choose another --metric or fix the test split.")
 
 
 def rank_stability(rows, methods: list[str], average_rank: dict[str, float], ties: str, ascending: bool):
@@ -255,8 +285,8 @@ def _uncertainty_note(table: Table) -> str:
   replicates = next((len(c.replicates) for _, cells in table.rows for c in cells.values()
                      if c.replicates is not None), 0)
   interval = (f"; [lo, hi]: 95 % percentile interval of the mean from {replicates} bootstrap replicates "
-              "(seeds resampled, and each seed's test images resampled from its confusion matrix)"
-              if replicates else "")
+              "(seeds resampled, and each seed's test images resampled from its confusion matrix, independently "
+              "per seed: with few seeds this is narrower than a t-interval)" if replicates else "")
   return (f"_Cells: {spread}{interval}. Best mean in bold; Average Rank ranks the cell means within each row "
           "and averages them._")
 
@@ -330,7 +360,7 @@ def plot_regimes(records: list[dict], metric: str, out_dir: pathlib.Path) -> lis
           if v:
             xs.append(regime * 100)
             ys.append(float(np.mean(v)))
-            es.append(float(np.std(v)))
+            es.append(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
         curves[method] = (xs, ys)
       names = list(curves)

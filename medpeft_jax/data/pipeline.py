@@ -7,7 +7,8 @@ seed. Batches are the same for a given seed and worker count (workers batch thei
 another worker count groups them differently); the iterator's state is checkpointable
 (`iterator.get_state()` / `set_state()`) for exact resume.
 Eval: resize (shorter side to size x 256/224) + centre crop, in order, padded to whole batches with
-a `mask` (1 real, 0 padding) so every batch has the same shape.
+a `mask` (1 real, 0 padding) so every batch has the same shape, and each example's `position` in the
+split (processes read contiguous shares, so gathered batches are not in split order).
 Batches are {"image": float32 (B, H, W, 3) normalised with the model's mean/std, "label": int32 (B,)}.
 """
 
@@ -53,8 +54,8 @@ class Split:
       self._source = self.builder.as_data_source(self.split, decoders={"image": tfds.decode.SkipDecoding()})
     return self._source
 
-  def __getstate__(self):
-    return {**self.__dict__, "_source": None}
+  def __getstate__(self):  # grain workers reopen the source and decode for themselves
+    return {**self.__dict__, "_source": None, "_decoded": None}
 
   def __repr__(self) -> str:  # grain compares it when restoring an iterator state
     b = self.builder
@@ -151,7 +152,7 @@ class EvalTransform(grain.transforms.Map):
   def map(self, record):
     img = resize_center_crop(decode(record["image"]), self.size)
     return {"image": normalize(img, self.mean, self.std), "label": np.int32(record["label"]),
-            "mask": np.float32(record["mask"])}
+            "mask": np.float32(record["mask"]), "position": np.int32(record["position"])}
 
 
 def epoch_permutation(num_records: int, seed: int, epoch: int) -> np.ndarray:
@@ -210,7 +211,8 @@ class _Padded:
 
   def __getitem__(self, i):
     j = self.start + i
-    return {**self.split[j if j < self.stop else 0], "mask": 1.0 if j < self.stop else 0.0}
+    return {**self.split[j if j < self.stop else 0], "mask": 1.0 if j < self.stop else 0.0,
+            "position": j if j < self.stop else -1}  # the example's index in the split (-1: padding)
 
 
 def eval_loader(split: Split, *, image_size: int, mean, std, batch_size: int,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from medpeft_jax import data
 from medpeft_jax.train import sharding
@@ -29,23 +30,30 @@ _FEATURES: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # key -> (features, la
 
 
 def split_features(key: dict, trunk, variables, split: data.Split, *, image_size: int, mean, std,
-                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-  """(features (N, D), labels (N,)) of `split` (its regime's examples), computed once per `key` and split."""
+                   batch_size: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(features (N, D), labels (N,)) of `split` (its regime's examples), computed once per `key` and split.
+
+  Every process reads its share of the split; the features are gathered, so all processes hold them all.
+  """
   full_key = json.dumps({**key, "split": split.split, "build": str(split.builder.data_path)}, sort_keys=True,
                         default=str)
   if full_key not in _FEATURES:
     whole = data.Split(split.builder, split.split)
     whole._decoded = split._decoded  # noqa: SLF001  (the same decoded images, when cached)
     apply = jax.jit(lambda v, x: trunk.apply(v, x, train=False).astype(jnp.float32))
-    features, labels, masks = [], [], []
-    for batch in data.eval_loader(whole, image_size=image_size, mean=mean, std=std, batch_size=batch_size):
-      features.append(np.asarray(apply(variables, batch["image"])))
-      labels.append(batch["label"])
-      masks.append(batch["mask"])
-    keep = np.concatenate(masks) > 0
+    features, labels, positions = [], [], []
+    for local in data.eval_loader(whole, image_size=image_size, mean=mean, std=std, batch_size=batch_size):
+      batch = sharding.global_batch(local, mesh)
+      gathered = multihost_utils.process_allgather((apply(variables, batch["image"]), batch["label"],
+                                                    batch["position"]), tiled=True)
+      for out, value in zip((features, labels, positions), gathered):
+        out.append(np.asarray(value))
+    positions = np.concatenate(positions)
+    order = np.argsort(np.where(positions < 0, len(positions) + 1, positions), kind="stable")
+    order = order[positions[order] >= 0]  # split order, padding dropped
     if len(_FEATURES) >= 8:
       _FEATURES.pop(next(iter(_FEATURES)))
-    _FEATURES[full_key] = (np.concatenate(features)[keep], np.concatenate(labels)[keep])
+    _FEATURES[full_key] = (np.concatenate(features)[order], np.concatenate(labels)[order])
   features, labels = _FEATURES[full_key]
   return features[split.indices], labels[split.indices]
 

@@ -42,10 +42,14 @@ class RunLogger:
       self._tb = SummaryWriter(str(self._tb_dir))
     return self._tb
 
-  def write(self, step: int, split: str, metrics: dict) -> None:
+  def write(self, step: int, split: str, metrics: dict, replace: bool = False) -> None:
+    """Appends a record; `replace=True` first drops earlier records of `split` (written once per run)."""
     if not self.active:
       return
     record = {"step": int(step), "split": split, **plain(metrics)}
+    if replace and self.path.exists():
+      kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["split"] != split]
+      self.path.write_text("".join(line + "\n" for line in kept))
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in record.items():

@@ -154,8 +154,10 @@ def run(task: Task, workdir, settings: LoopSettings, logger: logs.RunLogger) -> 
       evaluator.restore(extra["evaluators"][evaluator.name])
     logger.truncate(latest)
     logs.log_info("Resumed from the checkpoint at step %d.", latest)
-  elif task.on_start:
-    task.on_start(state)
+  else:
+    logger.truncate(-1)  # records of an attempt that died before its first checkpoint
+    if task.on_start:
+      task.on_start(state)
 
   step, total = int(state.step), task.total_steps
 

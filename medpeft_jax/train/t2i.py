@@ -35,6 +35,7 @@ from medpeft_jax.data.regimes import regime_indices
 from medpeft_jax.diffusion import cache as latent_cache
 from medpeft_jax.diffusion.pipeline import StableDiffusion
 from medpeft_jax.diffusion.schedule import NoiseSchedule, diffusion_loss
+from medpeft_jax.fileio import fingerprint
 from medpeft_jax.models.weights import diffusers as sd_weights
 from medpeft_jax.peft.interop.diffusers import export_unet_lora
 from medpeft_jax.train import logs, loop, optim, sharding
@@ -218,7 +219,8 @@ def _train_t2i(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict
     logger.write(0, "probe", {"loss": probe_loss.start})
 
   identity = {**{k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING},
-              "dataset_size": len(indices), "lr": lr}
+              "dataset_size": len(indices), "lr": lr, "unet_file": fingerprint(report.source),
+              "cache": cached["meta"], "probe_examples": int(min(config.probe_size, len(indices)))}
   task = loop.Task(name=f"t2i {config.method}", state=state, step=train_step, params=params, derived=derived,
                    batches=PermutationBatches(cached, indices, config.batch_size, config.seed, mesh),
                    evaluators=[probe_loss], total_steps=config.total_steps, identity=identity,
@@ -230,6 +232,7 @@ def _train_t2i(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict
   final = probe_loss.weights(result.state)
   end_probe = probe_loss.loss(final)
   adapter_bytes = 0
+  final = multihost_utils.process_allgather(final, tiled=True)  # every process gathers; process 0 writes
   if jax.process_index() == 0:
     adapter_bytes = peft.save_adapter(workdir / "adapter", method, final, base_model=presets.UNET,
                                       step=config.total_steps, config=config.to_dict())

@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from medpeft_jax import config_checks, data, models, peft, presets
+from medpeft_jax.fileio import fingerprint
+from medpeft_jax.models.weights.readers import find_checkpoint_file
 from medpeft_jax.train import linear_probe, logs, loop, optim, sharding
 from medpeft_jax.train.metrics import classification_metrics
 from medpeft_jax.train.programs import PROGRAMS, xla_memory_estimate
@@ -73,6 +75,15 @@ def build_model(config, num_classes: int, placement: sharding.Placement | None =
 
 def variable_shardings(placement: sharding.Placement, variables):
   return {collection: placement.params(tree) for collection, tree in variables.items()}
+
+
+def weights_fingerprint(path: str) -> list | None:
+  """The checkpoint file's name, size and mtime: another base under the same path is another run (a resume
+  must not continue an adapter on other weights)."""
+  if not path:
+    return None
+  path = pathlib.Path(path).expanduser()
+  return fingerprint(find_checkpoint_file(path) if path.is_dir() else path)
 
 
 def class_weights(split: data.Split) -> np.ndarray:
@@ -236,7 +247,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     key = {"model": config.model, "overrides": str(model_overrides(config)), "init": config.init,
            "weights": config.weights, "seed": config.seed if config.init == "random" else None, "size": size}
     features = {name: linear_probe.split_features(key, trunk, trunk_variables, split, image_size=size, mean=spec.mean,
-                                                  std=spec.std, batch_size=eval_batch) for name, split in splits.items()}
+                                                  std=spec.std, batch_size=eval_batch, mesh=mesh)
+                for name, split in splits.items()}
     width = features["train"][0].shape[-1]
     batch_spec = {"features": jax.ShapeDtypeStruct((config.batch_size, width), jnp.float32, sharding=batch_sh)}
     statics = ("linear probe on features", optimizer_spec, config.label_smoothing)
@@ -277,8 +289,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                 total_steps, config.batch_size, lr, count, logs.parameter_overview(params, state.trainable))
 
   def save_best(state, step):
+    # Every process takes part in gathering leaves sharded over other processes; process 0 writes.
+    trainable, batch_stats = multihost_utils.process_allgather((state.trainable, state.batch_stats), tiled=True)
     if jax.process_index() == 0:
-      peft.save_adapter(workdir / "best_adapter", method, state.trainable, state.batch_stats, base_model=config.model,
+      peft.save_adapter(workdir / "best_adapter", method, trainable, batch_stats, base_model=config.model,
                         step=step, config=config.to_dict(), class_names=list(train_split.class_names),
                         preprocessing=preprocessing)
     multihost_utils.sync_global_devices("best adapter saved")
@@ -287,7 +301,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                           lambda trainable, stats: evaluate_on(trainable, stats, "validation"), save_best,
                           config.get("patience", 0))
   identity = {**{k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING},
-              "build": builder.builder_config.name, "class_names": list(train_split.class_names),
+              "weights_file": weights_fingerprint(config.weights), "build": builder.builder_config.name,
+              "class_names": list(train_split.class_names),
               "dataset_size": len(train_split), "total_steps": total_steps, "lr": lr}
   clip = (f"; gradients are clipped to global norm {config.grad_clip:g}" if config.grad_clip
           else " or enable gradient clipping (config.grad_clip)")
@@ -303,7 +318,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   adapter = peft.load_adapter(workdir / "best_adapter")
   test = evaluate_on(adapter.trainable, adapter.batch_stats or {}, "test")
-  logger.write(total_steps, "test", test)
+  logger.write(total_steps, "test", test, replace=True)
   results = {
       "model": config.model, "method": name, "dataset": config.dataset,
       "dataset_size": len(train_split), "regime": config.regime, "seed": config.seed, "lr": lr,
