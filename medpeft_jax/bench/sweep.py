@@ -24,7 +24,7 @@ from absl import logging
 from tqdm import tqdm
 
 from medpeft_jax.bench.store import ResultsStore, config_hash, run_key
-from medpeft_jax.models.weights.readers import find_checkpoint_file
+from medpeft_jax.models.weights.readers import checkpoint_file
 from medpeft_jax.workdir import WorkdirLock
 
 PACKAGES = ("medpeft-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
@@ -64,8 +64,7 @@ def _sha256(path: str) -> str:
 def checkpoint_hashes(weights: str) -> dict[str, str]:
   if not weights:
     return {}
-  path = pathlib.Path(weights)
-  file = find_checkpoint_file(path) if path.is_dir() else path
+  file = checkpoint_file(weights)
   return {str(file): _sha256(str(file))}
 
 

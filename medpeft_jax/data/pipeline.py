@@ -160,6 +160,18 @@ def epoch_permutation(num_records: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_records)
 
 
+def step_rows(num_records: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """This process's share of 0-based step `step`'s global batch, as positions in 0..num_records-1.
+
+  The batch is a whole slice of its epoch's permutation (sorted); process p of P takes every P-th row,
+  so a global batch holds the same rows whatever P. Batches of a step source that keeps no iterator.
+  """
+  epoch, position = divmod(step, num_records // batch_size)
+  order = epoch_permutation(num_records, seed, epoch)
+  rows = np.sort(order[position * batch_size:(position + 1) * batch_size])
+  return rows[jax.process_index()::jax.process_count()]
+
+
 class EpochShuffleSampler:
   """Global index i -> position i % N of epoch i // N's permutation; grain reads every P-th index."""
 

@@ -92,17 +92,14 @@ def make_head_step(optimizer, label_smoothing: float):
 
 
 class FeatureBatches:
-  """Batches of cached features: step s takes its rows of epoch s // n's seeded permutation (stateless)."""
+  """Batches of cached features, a pure function of the step (`data.pipeline.step_rows`): nothing to restore."""
 
   def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, mesh, weights):
     self.features, self.labels, self.batch_size, self.seed, self.mesh = features, labels, batch_size, seed, mesh
     self.weights = weights
 
   def next(self, step: int) -> dict:
-    epoch, position = divmod(step, len(self.labels) // self.batch_size)
-    order = data.pipeline.epoch_permutation(len(self.labels), self.seed, epoch)
-    rows = np.sort(order[position * self.batch_size:(position + 1) * self.batch_size])
-    rows = rows[jax.process_index()::jax.process_count()]
+    rows = data.pipeline.step_rows(len(self.labels), self.batch_size, self.seed, step)
     local = {"features": self.features[rows], "label": self.labels[rows].astype(np.int32),
              "weight": per_example_weights(self.labels[rows], self.weights)}
     return sharding.global_batch(local, self.mesh)

@@ -30,7 +30,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from medpeft_jax import config_checks, data, peft, presets
-from medpeft_jax.data.pipeline import epoch_permutation
+from medpeft_jax.data.pipeline import step_rows
 from medpeft_jax.data.regimes import regime_indices
 from medpeft_jax.diffusion import cache as latent_cache
 from medpeft_jax.diffusion.pipeline import StableDiffusion
@@ -85,19 +85,13 @@ def make_t2i_step(unet, method: peft.Method, optimizer, schedule: NoiseSchedule,
 
 
 class PermutationBatches:
-  """Batch of 0-based step s: rows of epoch s // n's seeded permutation of the regime (sorted, whole batches);
-  this process's share of them. Stateless: the step is the position."""
+  """Cached latents of the regime, a pure function of the step (`data.pipeline.step_rows`): nothing to restore."""
 
   def __init__(self, cached: dict, indices: np.ndarray, batch_size: int, seed: int, mesh):
     self.cached, self.indices, self.batch_size, self.seed, self.mesh = cached, indices, batch_size, seed, mesh
 
-  def rows(self, step: int) -> np.ndarray:
-    epoch, position = divmod(step, len(self.indices) // self.batch_size)
-    order = epoch_permutation(len(self.indices), self.seed, epoch)
-    return self.indices[np.sort(order[position * self.batch_size:(position + 1) * self.batch_size])]
-
   def next(self, step: int) -> dict:
-    rows = self.rows(step)[jax.process_index()::jax.process_count()]
+    rows = self.indices[step_rows(len(self.indices), self.batch_size, self.seed, step)]
     return sharding.global_batch(gather(self.cached, rows), self.mesh)
 
   def state(self) -> None:

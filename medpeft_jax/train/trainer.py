@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from medpeft_jax import config_checks, data, models, peft, presets
 from medpeft_jax.fileio import fingerprint
-from medpeft_jax.models.weights.readers import find_checkpoint_file
+from medpeft_jax.models.weights.readers import checkpoint_file
 from medpeft_jax.train import linear_probe, logs, loop, optim, sharding
 from medpeft_jax.train.metrics import classification_metrics
 from medpeft_jax.train.programs import PROGRAMS, xla_memory_estimate
@@ -80,10 +80,7 @@ def variable_shardings(placement: sharding.Placement, variables):
 def weights_fingerprint(path: str) -> list | None:
   """The checkpoint file's name, size and mtime: another base under the same path is another run (a resume
   must not continue an adapter on other weights)."""
-  if not path:
-    return None
-  path = pathlib.Path(path).expanduser()
-  return fingerprint(find_checkpoint_file(path) if path.is_dir() else path)
+  return fingerprint(checkpoint_file(path)) if path else None
 
 
 def class_weights(split: data.Split) -> np.ndarray:

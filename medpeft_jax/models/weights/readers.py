@@ -92,6 +92,12 @@ def find_checkpoint_file(folder: pathlib.Path) -> pathlib.Path:
   return candidates[0]
 
 
+def checkpoint_file(path: str | os.PathLike) -> pathlib.Path:
+  """The weights file a checkpoint path names: the path itself, or a download folder's preferred file."""
+  path = pathlib.Path(path).expanduser()
+  return find_checkpoint_file(path) if path.is_dir() else path
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
   """Reads a checkpoint file, or the checkpoint inside a Hugging Face/timm download folder."""
   path = pathlib.Path(path)
