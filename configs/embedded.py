@@ -15,7 +15,7 @@ split, 64 px, batch 32. The protocol is the paper's, scaled to a 2-core CPU:
     resampled), ranks computed on the means, and how often each method keeps its rank under resampling.
 Methods by default: linear (a linear probe on cached eval-mode features), scratch (random init,
 everything trained), full and lora (r8 on the dense convolutions) — what fits 15 minutes with install
-on a 2-core CPU; `methods=all` adds norm, bias, ssf and tsa (about 25 minutes more).
+on a 2-core CPU; `methods=all` adds norm, bias, ssf and tsa (not timed; each adds about what full does).
 Prints the table and writes runs/embedded/report/ (tables, plots, rank stability).
 """
 

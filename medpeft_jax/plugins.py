@@ -1,9 +1,9 @@
 """Plugins: modules imported before any registry lookup, so that what they register is known by name.
 
 A new PEFT method, dataset or model family lives in its own module (yours, outside this package) that
-registers itself on import (`@peft.core.register("name")`, `data.builders.register`, `models.zoo.MODELS`);
-`--config.plugins=my_pkg.my_method` (or `plugins=my_pkg.my_method` in a config's argument string) makes
-every launcher, sweep and worker import it first. See README "Extending".
+registers itself on import (`@peft.core.register("name")`, `data.builders.register`, `models.register_model`);
+`plugins=my_pkg.my_method` in a config's argument string (beside the `method=` it defines) makes every
+launcher, sweep and worker import it first; the config keeps it in `config.plugins`. See README "Extending".
 """
 
 from __future__ import annotations

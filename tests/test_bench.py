@@ -1,5 +1,6 @@
 """A CPU smoke sweep: runs, resumes after interruption without redoing finished runs, reports."""
 
+import pathlib
 import signal
 import subprocess
 import sys
@@ -61,3 +62,28 @@ def test_smoke_sweep_resumes_and_reports(easy, tmp_path):
   assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
       "combined_rank.md", "params_vit_b16.png", "regimes_vit_b16_image_folder.png", "report.md",
       "table_vit_b16.csv", "table_vit_b16.md", "table_vit_b16.tex"]
+
+
+def test_readme_sweep_commands_run_at_smoke_size(tmp_path):
+  """The README's sweep and report commands as written, on a fake HAM10000 folder, with `smoke=True` (tiny
+  random models) added to the sweep's argument: the only other changes are the data and output paths."""
+  import os  # noqa: PLC0415
+  import re  # noqa: PLC0415
+
+  from tests import data_fakes  # noqa: PLC0415
+
+  data_fakes.ham10000(tmp_path / "ham10000")
+  text = (REPO / "README.md").read_text()
+  block = re.search(r"## Benchmarks and reports\n\n```bash\n(.*?)```", text, re.S)[1]
+  script = (block.replace("seeds=0+1+2 ", "seeds=0+1+2,smoke=True ").replace("/data/ham10000", str(tmp_path / "ham10000"))
+            .replace("runs/sweep", str(tmp_path / "sweep")))
+  assert "smoke=True" in script
+  env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+  out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=900)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  records = bench.ResultsStore(tmp_path / "sweep" / "results.jsonl").records()
+  final = [r for r in records if r["kind"] == "final"]
+  assert len(final) == 18 and all(r["status"] == "ok" for r in records)  # 3 methods x 2 regimes x 3 seeds
+  assert {r["method"] for r in records if r["kind"] == "lr_search"} == {"full", "bias", "lora"}
+  assert (tmp_path / "sweep" / "report" / "table_vit_b16.md").is_file()

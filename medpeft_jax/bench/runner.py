@@ -52,7 +52,7 @@ def _classification_fields(config, results: dict) -> dict:
   return {"dataset_size": results["dataset_size"], "metrics": results["test"], "validation": results["validation"],
           "trainable_params": results["trainable_params"], "total_params": results["total_params"],
           "step_time_s": results["step_time_s"], "xla_memory_estimate_bytes": results["xla_memory_estimate_bytes"],
-          "adapter_bytes": results["adapter_bytes"], "checkpoint_sha256": checkpoint_hashes(config.weights),
+          "adapter_bytes": results["adapter_bytes"], "checkpoint_sha256": checkpoint_hashes(config.weights if config.init == "pretrained" else ""),
           "best_step": results["best_step"], "last_step": results["last_step"],
           "compile_time_s": results["compile_time_s"]}
 

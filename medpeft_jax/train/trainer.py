@@ -298,7 +298,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                           lambda trainable, stats: evaluate_on(trainable, stats, "validation"), save_best,
                           config.get("patience", 0))
   identity = {**{k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING},
-              "weights_file": weights_fingerprint(config.weights), "build": builder.builder_config.name,
+              "weights_file": weights_fingerprint(config.weights) if config.init == "pretrained" else None,
+              "build": builder.builder_config.name,
               "class_names": list(train_split.class_names),
               "dataset_size": len(train_split), "total_steps": total_steps, "lr": lr}
   clip = (f"; gradients are clipped to global norm {config.grad_clip:g}" if config.grad_clip
