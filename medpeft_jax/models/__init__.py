@@ -11,6 +11,7 @@ takes `train=` (BatchNorm models need `mutable=["batch_stats"]` when training) a
 from medpeft_jax.models.weights.loader import CheckpointMismatchError, LoadReport, load_pretrained
 from medpeft_jax.models.zoo import (
   MODELS,
+  ROLE_NAMES,
   ModelSpec,
   classifiers,
   create_model,
@@ -19,5 +20,5 @@ from medpeft_jax.models.zoo import (
   register_model,
 )
 
-__all__ = ["MODELS", "CheckpointMismatchError", "classifiers", "LoadReport", "ModelSpec", "create_model", "get_spec",
+__all__ = ["MODELS", "ROLE_NAMES", "CheckpointMismatchError", "classifiers", "LoadReport", "ModelSpec", "create_model", "get_spec",
            "imagenet_classes", "load_pretrained", "register_model"]

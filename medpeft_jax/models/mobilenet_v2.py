@@ -24,6 +24,9 @@ from medpeft_jax.models.resnet import conv_bn_layers
 
 Dtype = Any
 
+# The layers PEFT defaults refer to (`models.ROLE_NAMES`). `conv`: every dense conv; never the depthwise ones.
+ROLES = {"conv": r"(.*/)?(stem|expand|project|final)_conv", "norm": r"(.*/)?([a-z]+_)?bn\d?"}
+
 # (expansion t, output channels c, repeats n, first stride s), as in the paper and torchvision.
 INVERTED_RESIDUAL_SETTING = (
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),

@@ -26,6 +26,10 @@ from medpeft_jax.models.layers import Conv
 
 Dtype = Any
 
+# The layers PEFT defaults refer to (`models.ROLE_NAMES`). `conv`: the main-path convs of layer1-4 (the
+# paper's TSA placement), not the stem or the downsampling shortcuts.
+ROLES = {"conv": r"layer\d/block\d+/conv\d", "norm": r"(.*/)?([a-z]+_)?bn\d?"}
+
 
 def conv_bn_layers(dtype: Dtype, train: bool):
   """The conv and BatchNorm constructors shared by the CNNs (torchvision padding and BN defaults)."""

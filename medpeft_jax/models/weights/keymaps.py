@@ -10,6 +10,7 @@ Targets are '/'-joined paths that start with the collection (`params/...`, `batc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable
 
@@ -24,6 +25,8 @@ _same = lambda w: w
 # kind -> [(source tensor name, collection, our tensor name, transform)]
 KINDS: dict[str, list[tuple[str, str, str, Transform]]] = {
     "param": [("", "params", "", _same)],
+    "token": [("", "params", "", lambda w: w.reshape(1, -1, w.shape[-1]))],  # (D,) or (N, D) -> (1, N, D)
+    "embedding": [("weight", "params", "", lambda w: w[None])],  # nn.Embedding (N, D) -> (1, N, D)
     "conv": [("weight", "params", "kernel", _conv), ("bias", "params", "bias", _same)],
     "linear": [("weight", "params", "kernel", np.transpose), ("bias", "params", "bias", _same)],
     "ln": [("weight", "params", "scale", _same), ("bias", "params", "bias", _same)],
@@ -78,16 +81,35 @@ class Layout:
     return out, unexpected, ignored
 
 
-def _split_timm_qkv(state):
-  """timm fuses query/key/value into one `qkv` linear; split it into three."""
+def _split_fused(state, pattern: str, names: str):
+  """Splits every fused query/key/value tensor whose key fully matches `pattern` (groups: module, leaf)
+  into three, keyed `names.format(module, "q"|"k"|"v", leaf)`."""
   out = {}
   for key, value in state.items():
-    m = re.fullmatch(r"(.*\.attn)\.qkv\.(weight|bias)", key)
+    m = re.fullmatch(pattern, key)
     if m:
       for name, part in zip("qkv", np.split(value, 3, axis=0)):
-        out[f"{m[1]}.{name}.{m[2]}"] = part
+        out[names.format(m[1], name, m[2])] = part
     else:
       out[key] = value
+  return out
+
+
+# timm fuses query/key/value into one `qkv` linear; torch's `nn.MultiheadAttention` (SigLIP's pooling head)
+# into `in_proj_*`.
+_split_timm_qkv = functools.partial(_split_fused, pattern=r"(.*\.attn)\.qkv\.(weight|bias)", names="{}.{}.{}")
+_split_in_proj = functools.partial(_split_fused, pattern=r"(.*)\.in_proj_(weight|bias)", names="{}.{}_proj.{}")
+
+
+def _pack_gate_up(state):
+  """A transformers 5 DINOv2 state dict splits the SwiGLU `weights_in` into gate/up; pack them back."""
+  out = {}
+  for key, value in state.items():
+    m = re.fullmatch(r"(.*\.mlp)\.(gate|up)_proj\.(weight|bias)", key)
+    if not m:
+      out[key] = value
+    elif m[2] == "gate":
+      out[f"{m[1]}.weights_in.{m[3]}"] = np.concatenate([value, state[f"{m[1]}.up_proj.{m[3]}"]], axis=0)
   return out
 
 
@@ -107,11 +129,15 @@ def _unstack_scanned_blocks(state):
 _B = r"blocks\.(\d+)\."
 _L = r"(?:encoder\.layer|layers)\.(\d+)\."  # hub files | transformers 5 in-memory names
 _E = r"Transformer/encoderblock_(\d+)/"
+_C = r"encoder\.layers\.(\d+)\."
 
 VIT_LAYOUTS = (
-    Layout("timm", r"patch_embed\.proj\.weight", (
+    # timm, also inside open_clip checkpoints (BiomedCLIP: `visual.trunk.`; projection and text tower unused).
+    Layout("timm", r"(?:visual\.trunk\.)?patch_embed\.proj\.weight", (
         ("cls_token", "cls_token", "param"), ("pos_embed", "pos_embed", "param"),
-        (r"patch_embed\.proj", "patch_embed", "conv"),
+        ("reg_token", "reg_token", "param"),
+        (r"patch_embed\.proj", "patch_embed", "conv"), ("norm_pre", "norm_pre", "ln"),
+        (_B + r"ls1\.gamma", r"block\1/ls1/scale", "param"), (_B + r"ls2\.gamma", r"block\1/ls2/scale", "param"),
         (_B + "norm1", r"block\1/norm1", "ln"), (_B + "norm2", r"block\1/norm2", "ln"),
         (_B + r"attn\.q", r"block\1/attn/query", "linear"),
         (_B + r"attn\.k", r"block\1/attn/key", "linear"),
@@ -119,7 +145,50 @@ VIT_LAYOUTS = (
         (_B + r"attn\.proj", r"block\1/attn/out", "linear"),
         (_B + r"mlp\.fc1", r"block\1/mlp/fc1", "linear"), (_B + r"mlp\.fc2", r"block\1/mlp/fc2", "linear"),
         ("norm", "norm", "ln"), ("head", "head", "linear"),
-    ), preprocess=_split_timm_qkv),
+    ), prefix=r"(?:visual\.trunk\.)?", ignore=(r"visual\.head\..*", r"text\..*", "logit_scale"),
+        preprocess=_split_timm_qkv),
+    # transformers `Dinov2Model` / `Dinov2WithRegistersModel` (RAD-DINO); before "huggingface", whose
+    # signature DINOv2's names also match. Hub files have `attention.attention.query`, `weights_in` (SwiGLU);
+    # a transformers 5 `state_dict()` has q_proj/o_proj and gate/up/down_proj.
+    Layout("dinov2", r"(?:dinov2\.|dinov2_with_registers\.)?encoder\.layer\.\d+\.layer_scale1\.lambda1", (
+        (r"embeddings\.cls_token", "cls_token", "param"), (r"embeddings\.register_tokens", "reg_token", "param"),
+        (r"embeddings\.position_embeddings", "pos_embed", "param"),
+        (r"embeddings\.patch_embeddings\.projection", "patch_embed", "conv"),
+        (_L + "norm1", r"block\1/norm1", "ln"), (_L + "norm2", r"block\1/norm2", "ln"),
+        (_L + r"attention\.(?:attention\.query|q_proj)", r"block\1/attn/query", "linear"),
+        (_L + r"attention\.(?:attention\.key|k_proj)", r"block\1/attn/key", "linear"),
+        (_L + r"attention\.(?:attention\.value|v_proj)", r"block\1/attn/value", "linear"),
+        (_L + r"attention\.(?:output\.dense|o_proj)", r"block\1/attn/out", "linear"),
+        (_L + r"layer_scale1\.lambda1", r"block\1/ls1/scale", "param"),
+        (_L + r"layer_scale2\.lambda1", r"block\1/ls2/scale", "param"),
+        (_L + r"mlp\.(?:fc1|weights_in)", r"block\1/mlp/fc1", "linear"),
+        (_L + r"mlp\.(?:fc2|weights_out|down_proj)", r"block\1/mlp/fc2", "linear"),
+        ("layernorm", "norm", "ln"), ("classifier", "head", "linear"),  # *ForImageClassification: pool="token_mean"
+    ), prefix=r"(?:dinov2\.|dinov2_with_registers\.)?",
+        ignore=(r"(?:dinov2\.|dinov2_with_registers\.)?embeddings\.mask_token",),
+        preprocess=_pack_gate_up),
+    # transformers `CLIPVisionModel` / `SiglipVisionModel`, or the vision tower of a whole CLIP/SigLIP
+    # checkpoint (`vision_model.`; its text tower and projections unused).
+    Layout("clip", r"(?:vision_model\.)?encoder\.layers\.\d+\.self_attn\.q_proj\.weight", (
+        (r"embeddings\.class_embedding", "cls_token", "token"),
+        (r"embeddings\.position_embedding", "pos_embed", "embedding"),
+        (r"embeddings\.patch_embedding", "patch_embed", "conv"), ("pre_layrnorm", "norm_pre", "ln"),
+        (_C + "layer_norm1", r"block\1/norm1", "ln"), (_C + "layer_norm2", r"block\1/norm2", "ln"),
+        (_C + r"self_attn\.q_proj", r"block\1/attn/query", "linear"),
+        (_C + r"self_attn\.k_proj", r"block\1/attn/key", "linear"),
+        (_C + r"self_attn\.v_proj", r"block\1/attn/value", "linear"),
+        (_C + r"self_attn\.out_proj", r"block\1/attn/out", "linear"),
+        (_C + r"mlp\.fc1", r"block\1/mlp/fc1", "linear"), (_C + r"mlp\.fc2", r"block\1/mlp/fc2", "linear"),
+        ("post_layernorm", "norm", "ln"), (r"head\.probe", "map_head/probe", "param"),
+        (r"head\.attention\.q_proj", "map_head/attn/query", "linear"),
+        (r"head\.attention\.k_proj", "map_head/attn/key", "linear"),
+        (r"head\.attention\.v_proj", "map_head/attn/value", "linear"),
+        (r"head\.attention\.out_proj", "map_head/attn/out", "linear"),
+        (r"head\.layernorm", "map_head/norm", "ln"),
+        (r"head\.mlp\.fc1", "map_head/mlp/fc1", "linear"), (r"head\.mlp\.fc2", "map_head/mlp/fc2", "linear"),
+    ), prefix=r"(?:vision_model\.)?", ignore=(r"text_model\..*", r"(?:visual|text)_projection\..*",
+                                              r"logit_(?:scale|bias)", r".*position_ids"),
+        preprocess=_split_in_proj),
     Layout("huggingface", r"(vit\.)?embeddings\.patch_embeddings\.projection\.weight", (
         (r"embeddings\.cls_token", "cls_token", "param"),
         (r"embeddings\.position_embeddings", "pos_embed", "param"),
@@ -195,7 +264,34 @@ MOBILENET_V2_LAYOUTS = (
     )),
 )
 
-LAYOUTS = {"vit": VIT_LAYOUTS, "resnet": RESNET_LAYOUTS, "mobilenet_v2": MOBILENET_V2_LAYOUTS}
+_CB = r"stages\.(\d)\.blocks\.(\d+)\."
+
+CONVNEXT_LAYOUTS = (  # stages and blocks count from 0 in both sources and in ours
+    Layout("timm", r"stages\.0\.blocks\.0\.conv_dw\.weight", (
+        (r"stem\.0", "stem_conv", "conv"), (r"stem\.1", "stem_norm", "ln"),
+        (r"stages\.(\d)\.downsample\.0", r"stage\1/downsample_norm", "ln"),
+        (r"stages\.(\d)\.downsample\.1", r"stage\1/downsample_conv", "conv"),
+        (_CB + "conv_dw", r"stage\1/block\2/dwconv", "conv"), (_CB + "norm", r"stage\1/block\2/norm", "ln"),
+        (_CB + r"mlp\.fc1", r"stage\1/block\2/mlp/fc1", "linear"),
+        (_CB + r"mlp\.fc2", r"stage\1/block\2/mlp/fc2", "linear"),
+        (_CB + "gamma", r"stage\1/block\2/gamma", "param"),
+        (r"head\.norm", "norm", "ln"), (r"head\.fc", "head", "linear"),
+    )),
+    Layout("huggingface", r"(convnext\.)?embeddings\.patch_embeddings\.weight", (
+        (r"embeddings\.patch_embeddings", "stem_conv", "conv"), (r"embeddings\.layernorm", "stem_norm", "ln"),
+        (r"encoder\.stages\.(\d)\.downsampling_layer\.0", r"stage\1/downsample_norm", "ln"),
+        (r"encoder\.stages\.(\d)\.downsampling_layer\.1", r"stage\1/downsample_conv", "conv"),
+        (_HF_STAGE + "dwconv", r"stage\1/block\2/dwconv", "conv"),
+        (_HF_STAGE + "layernorm", r"stage\1/block\2/norm", "ln"),
+        (_HF_STAGE + "pwconv1", r"stage\1/block\2/mlp/fc1", "linear"),
+        (_HF_STAGE + "pwconv2", r"stage\1/block\2/mlp/fc2", "linear"),
+        (_HF_STAGE + "layer_scale_parameter", r"stage\1/block\2/gamma", "param"),
+        ("layernorm", "norm", "ln"), ("classifier", "head", "linear"),
+    ), prefix=r"(?:convnext\.)?"),
+)
+
+LAYOUTS = {"vit": VIT_LAYOUTS, "resnet": RESNET_LAYOUTS, "mobilenet_v2": MOBILENET_V2_LAYOUTS,
+           "convnext": CONVNEXT_LAYOUTS}
 
 
 def detect_layout(family: str, keys) -> Layout:

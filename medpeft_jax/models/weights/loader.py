@@ -5,8 +5,11 @@ The checkpoint's layout is detected from its key names, its tensors are renamed 
 nothing large is initialised for nothing):
   - the classification head is re-initialised when absent or shaped for another `num_classes`,
     and dropped when `num_classes == 0`;
-  - a ViT position embedding trained at another resolution is resampled to the model's grid;
-  - missing or shape-mismatched tensors anywhere else raise `CheckpointMismatchError` (`strict`).
+  - a ViT position embedding trained at another resolution is resampled to the model's grid, as the
+    model's `pos_interpolation` says its source does (e.g. DINOv2's 518-px grid, bicubically);
+  - missing or shape-mismatched tensors anywhere else raise `CheckpointMismatchError` (`strict`), and so
+    do converted weights the model has no place for (layer scale, registers, CLIP's pre-norm loaded
+    into a plain ViT): dropping them would silently change the network.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from medpeft_jax.models.zoo import ModelSpec, get_spec
 
 _HEAD = re.compile(r"params/head/.*")
 _POS_EMBED = "params/pos_embed"
+# The model field a Hugging Face folder's `layer_norm_eps` sets, per family (ConvNeXt: only its final norm).
+_CONFIG_EPS_FIELD = {"vit": "norm_eps", "convnext": "head_norm_eps"}
 
 
 @dataclasses.dataclass
@@ -43,16 +48,18 @@ class LoadReport:
   reinitialized: list[str] = dataclasses.field(default_factory=list)  # the head, fresh
   resampled: list[str] = dataclasses.field(default_factory=list)
   ignored: list[str] = dataclasses.field(default_factory=list)  # source keys deliberately unused
+  unplaced: list[str] = dataclasses.field(default_factory=list)  # converted, but the model has no such variable
 
   @property
   def ok(self) -> bool:
-    return not (self.missing or self.mismatched)
+    return not (self.missing or self.mismatched or self.unplaced)
 
   def __str__(self) -> str:
     lines = [f"Loaded {len(self.loaded)} tensors from {self.source} ({self.layout} layout)."]
     for label, items in (("missing (left at init)", self.missing), ("unexpected (unused)", self.unexpected),
                          ("re-initialised", self.reinitialized), ("resampled", self.resampled),
-                         ("ignored", self.ignored)):
+                         ("ignored", self.ignored),
+                         ("not in the model (another variant of it? see models.MODELS)", self.unplaced)):
       if items:
         lines.append(f"  {label}: {_summarise(items)}")
     for path, got, want in self.mismatched:
@@ -94,14 +101,15 @@ def load_pretrained(name: str, path: str | os.PathLike, *, num_classes: int, ima
   Returns `(model, variables, report)`; `variables` holds `params` (and `batch_stats` for CNNs) as
   float32 numpy arrays (host memory; `jax.device_put` them where they belong). `image_size` sets the input resolution the variables are shaped for (the
   model's pre-training size by default). `overrides` set model fields such as `dtype`; a Hugging
-  Face folder's `layer_norm_eps` is applied to ViTs unless `norm_eps` is given.
+  Face folder's `layer_norm_eps` is applied (`_CONFIG_EPS_FIELD`) unless that field is given.
   """
   spec = get_spec(name)
   if not pathlib.Path(path).exists():
     raise _missing_path_error(spec, path)
   ckpt = read_checkpoint(path)
-  if spec.family == "vit" and ckpt.config and "layer_norm_eps" in ckpt.config:
-    overrides.setdefault("norm_eps", ckpt.config["layer_norm_eps"])
+  eps_field = _CONFIG_EPS_FIELD.get(spec.family)
+  if eps_field and ckpt.config and "layer_norm_eps" in ckpt.config:
+    overrides.setdefault(eps_field, ckpt.config["layer_norm_eps"])
   model = spec.build(num_classes=num_classes, **overrides)
   layout = detect_layout(spec.family, ckpt.tensors)
   converted, unexpected, ignored = layout.convert(ckpt.tensors)
@@ -122,7 +130,8 @@ def load_pretrained(name: str, path: str | os.PathLike, *, num_classes: int, ima
       values[p] = got.astype(want.dtype)
       report.loaded.append(p)
     elif p == _POS_EMBED:
-      values[p] = np.asarray(resample_pos_embed(jnp.asarray(got, jnp.float32), want.shape[1]))
+      values[p] = np.asarray(resample_pos_embed(jnp.asarray(got, jnp.float32), want.shape[1],
+                                                model.num_pos_prefix, model.pos_interpolation))
       report.resampled.append(f"{p} {got.shape} -> {want.shape}")
       report.loaded.append(p)
     elif _HEAD.fullmatch(p):
@@ -131,7 +140,7 @@ def load_pretrained(name: str, path: str | os.PathLike, *, num_classes: int, ima
       report.mismatched.append((p, got.shape, want.shape))
   for p in converted.keys() - template.keys():
     # A checkpoint head with no head in the model (num_classes == 0) is dropped on purpose.
-    (report.ignored if _HEAD.fullmatch(p) else report.unexpected).append(p)
+    (report.ignored if _HEAD.fullmatch(p) else report.unplaced).append(p)
 
   if strict and not report.ok:
     raise CheckpointMismatchError(report)
