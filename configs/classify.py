@@ -42,8 +42,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.image_size = 32 if arg.smoke else 0  # 0: the model's pre-training resolution
   c.dtype = "float32"  # compute dtype ("bfloat16" for bf16 activations; parameters stay float32)
   c.remat = False  # rematerialise each block in the backward pass (memory for compute)
-  # The method's preset for the model family (a plugin's method not imported yet: its own defaults).
-  c.peft = presets.preset(arg.model, c.method) if c.method in METHODS else {}
+  # The method's hyperparameters, at its preset for the model (a plugin's method not imported yet: empty).
+  c.peft = presets.config_fields(arg.model, c.method) if c.method in METHODS else {}
 
   c.data_dir = "~/tensorflow_datasets"  # where built datasets are cached
   c.manual_dir = ""  # the downloaded dataset folder (not needed for br35h)

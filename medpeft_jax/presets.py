@@ -1,19 +1,22 @@
 """Policy in one home: method settings per model family, learning rates, run variants, tiny test models.
 
-`medpeft_jax.peft` knows nothing about models; this module joins the two. The paper's settings are
-inferred from its parameter counts (../shared/reference/paper_protocol.md):
-  ViT: LoRA r16 (alpha 16) on query/value; AdaptFormer bottleneck 6, s = 0.1; SSF after every dense
-       layer and LayerNorm; BitFit on the dense/conv biases (LayerNorm biases excluded).
-  ResNet: TSA on the main-path convs of layer1-4; SSF after every BatchNorm; bias = BN betas.
-  MobileNetV2: TSA and LoRA on the dense (non-grouped) convs.
-  Stable Diffusion U-Net (family "unet"): the paper's 8 text-to-image strategies, no head.
-A method not in its family's table runs with the method's own defaults; a family in `CLOSED_FAMILIES`
-accepts only the methods of its table.
+`medpeft_jax.peft` knows nothing about models; this module joins the two. Which layers a method adapts
+comes from the model: each model declares its roles (`models.ROLE_NAMES`: query/key/value projections,
+MLPs, norms, main-path convs, ...) and each method's `ROLE_DEFAULTS` refer to roles, so a new method or a
+new model family needs no entry here. `PRESETS` holds only the paper's hyperparameters, inferred from its
+parameter counts (../shared/reference/paper_protocol.md):
+  ViT: LoRA r16 (alpha 16) on query/value (the roles); AdaptFormer bottleneck 6, s = 0.1; SSF after every
+       dense layer and LayerNorm (roles); BitFit on the dense/conv biases (LayerNorm biases excluded).
+  ResNet: TSA on the main-path convs of layer1-4 (the `conv` role); SSF after every BatchNorm; bias = BN betas.
+  CNNs: LoRA r8 on the `conv` role (MobileNetV2: every non-depthwise conv).
+  Stable Diffusion U-Net (family "unet"): the paper's 8 text-to-image strategies, no head; a closed table.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +24,7 @@ import jax.numpy as jnp
 from medpeft_jax import models, peft
 from medpeft_jax.registry import UnknownNameError
 
-_CNN_SSF = dict(after=r"(.*/)?([a-z]+_)?bn\d?")  # after every BatchNorm
-_CLASSIFIER_SVDIFF = dict(head=r"head/.*")  # SV-Diff (a U-Net method in the paper): shifts + a trained head
+_CNN_LORA = dict(rank=8)
 
 # Counts at SD v1.5 shapes, ours vs the paper's (tests/test_unet_peft.py): bias 343,684 (0.34M: every
 # bias, GroupNorm and LayerNorm ones included), norm 200,320 (0.2M), LoRA r4 on attn1/attn2
@@ -31,27 +33,13 @@ _CLASSIFIER_SVDIFF = dict(head=r"head/.*")  # SV-Diff (a U-Net method in the pap
 # "bias" and once under "norm"), SV-Diff 222,696 (0.22M: one shift per singular value of every kernel).
 PRESETS: dict[str, dict[str, dict]] = {
     "vit": {
-        "lora": dict(targets=r".*attn/(query|value)", rank=16, alpha=16),
-        "dora": dict(targets=r".*attn/(query|value)", rank=16, alpha=16),
+        "lora": dict(rank=16, alpha=16),
+        "dora": dict(rank=16, alpha=16),
         "adaptformer": dict(bottleneck=6, scale=0.1),
-        "ssf": dict(after=r"(.*/)?(query|key|value|out|fc1|fc2|norm\d?)"),
         "vpt": dict(num_tokens=10),
-        "svdiff": _CLASSIFIER_SVDIFF,
     },
-    "resnet": {
-        "tsa": dict(targets=r"layer\d/block\d+/conv\d"),
-        "ssf": _CNN_SSF,
-        "lora": dict(targets=r"layer\d/block\d+/conv\d", rank=8),
-        "dora": dict(targets=r"layer\d/block\d+/conv\d", rank=8),
-        "svdiff": _CLASSIFIER_SVDIFF,
-    },
-    "mobilenet_v2": {
-        "tsa": dict(targets=r".*(expand|project|final)_conv"),  # the pointwise convs
-        "ssf": _CNN_SSF,
-        "lora": dict(targets=r".*(stem|expand|project|final)_conv", rank=8),  # never the depthwise ones
-        "dora": dict(targets=r".*(stem|expand|project|final)_conv", rank=8),
-        "svdiff": _CLASSIFIER_SVDIFF,
-    },
+    "resnet": {"lora": _CNN_LORA, "dora": _CNN_LORA},
+    "mobilenet_v2": {"lora": _CNN_LORA, "dora": _CNN_LORA},
     "unet": {
         "full": dict(head=None),
         "attention": dict(targets=r"(.*/)?attentions_\d+/.*", head=None),
@@ -59,7 +47,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "norm": dict(head=None),
         "bias_norm_attention": dict(),
         "lora": dict(targets=r".*/attn[12]/(to_q|to_k|to_v|to_out_0)", rank=4, alpha=4, head=None),
-        "svdiff": dict(),
+        "svdiff": dict(head=None),
         "difffit": dict(),
     },
 }
@@ -83,6 +71,7 @@ TINY_MODELS: dict[str, dict] = {
     "vit": dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4),
     "resnet": dict(width=8, stage_sizes=(1, 1, 1, 1)),
     "mobilenet_v2": dict(width_mult=0.25),
+    "convnext": dict(depths=(1, 1), dims=(8, 16), kernel_size=3),
 }
 
 
@@ -106,15 +95,58 @@ def lr_grid(method: str) -> tuple[float, ...]:
   return tuple(LR_GRIDS.get(method, LR_GRIDS["default"]))
 
 
+_ROLE = re.compile(r"\{([a-z_]+)\}")
+_NOTHING = "(?!)"  # matches nothing: a role the model does not have
+
+
+def role_defaults(model_name: str, method_name: str) -> dict[str, str]:
+  """The method's `ROLE_DEFAULTS` templates filled in with the model's role regexes.
+
+  A model that declares no roles keeps the method's own defaults. Alternatives naming only roles the
+  model lacks are dropped, so the regexes stay readable in configs and records.
+  """
+  spec, cls = models.get_spec(model_name), peft.METHODS.get(method_name)
+  if not spec.roles:
+    return {}
+  resolved = {}
+  for field, template in cls.ROLE_DEFAULTS.items():
+    used = _ROLE.findall(template)
+    unknown = sorted(set(used) - set(models.ROLE_NAMES))
+    if unknown:
+      raise ValueError(f"PEFT method {method_name!r}: ROLE_DEFAULTS[{field!r}] = {template!r} names unknown "
+                       f"role(s) {unknown}; roles are {', '.join(models.ROLE_NAMES)}.")
+    if not any(role in spec.roles for role in used) and field not in cls.OPTIONAL_ROLE_FIELDS:
+      raise ValueError(
+          f"{method_name} on {model_name}: its `{field}` default adapts the model's "
+          f"{' / '.join(used)} layers, and {model_name} declares none of them (its roles: "
+          f"{', '.join(spec.roles) or 'none'}). Set the field (--config.peft.{field}=REGEX over module paths) "
+          f"or declare the roles in the model's register_model(roles=...).")
+    fill = lambda text: _ROLE.sub(lambda m: f"(?:{spec.roles[m[1]]})" if m[1] in spec.roles else _NOTHING, text)
+    if "(" in template:  # alternatives inside groups: keep the structure, absent roles match nothing
+      resolved[field] = fill(template)
+    else:
+      kept = [alt for alt in template.split("|") if all(role in spec.roles for role in _ROLE.findall(alt))]
+      resolved[field] = "|".join(map(fill, kept)) or _NOTHING
+  return resolved
+
+
 def preset(model_name: str, method_name: str) -> dict:
-  """The default hyperparameters of `method_name` on `model_name` (empty: the method's own defaults)."""
+  """The default hyperparameters of `method_name` on `model_name`: its role defaults, then the paper's."""
   peft.METHODS.get(method_name)  # unknown method names fail here, listing the valid ones
   family = models.get_spec(model_name).family
   table = PRESETS.get(family, {})
   if family in CLOSED_FAMILIES and method_name not in table:
     raise UnknownNameError(f"{model_name} takes the strategies {', '.join(sorted(table))}; "
                            f"{method_name!r} is not one of them.")
-  return dict(table.get(method_name, {}))
+  return {**role_defaults(model_name, method_name), **table.get(method_name, {})}
+
+
+def config_fields(model_name: str, method_name: str) -> dict:
+  """A config's `peft` section: every hyperparameter with a plain default, so each is settable from the
+  command line (--config.peft.init_weights=pissa, --config.peft.deep=True), then the preset on the model."""
+  plain = {f.name: f.default for f in dataclasses.fields(peft.METHODS.get(method_name))
+           if isinstance(f.default, (bool, int, float, str))}
+  return {**plain, **preset(model_name, method_name)}
 
 
 def build_method(model_name: str, method_name: str, **overrides) -> peft.Method:

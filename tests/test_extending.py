@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from medpeft_jax import models, peft
+from medpeft_jax import models, presets
 from tests.extending import toy_method, toy_model  # noqa: F401  (registers channel_scale and toy_cnn)
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -35,7 +35,8 @@ def test_toy_method_starts_at_the_base_and_merges_exactly():
   model = models.create_model("toy_cnn", num_classes=2)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 32, 32, 3)), jnp.float32)
   variables = model.init(jax.random.key(0), x)
-  method = peft.get_method("channel_scale")
+  method = presets.build_method("toy_cnn", "channel_scale")  # its targets: toy_cnn's `conv` role
+  assert method.targets == r"(?:conv\d)"
   trainable = method.init(jax.random.key(1), variables["params"])
   assert sorted(trainable["adapters"]) == ["conv1", "conv2"]
   np.testing.assert_allclose(method.apply(model, variables, trainable, x), model.apply(variables, x), atol=1e-6)

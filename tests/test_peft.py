@@ -1,5 +1,6 @@
 """PEFT methods: identity at init, merge == training path, gradients only where trained, counts."""
 
+import dataclasses
 import functools
 
 import jax
@@ -50,11 +51,11 @@ CASES = {  # (family, method name, hyperparameters for the tiny model)
     "vit": [("full", {}), ("linear", {}), ("bias", {}), ("norm", {}), ("attention", {}),
             ("lora", dict(rank=4)), ("dora", dict(rank=4)), ("ssf", {}), ("adaptformer", dict(bottleneck=6)),
             ("vpt", dict(num_tokens=3)), ("vpt", dict(num_tokens=3, deep=True))],
-    "resnet": [("full", {}), ("bias", {}), ("norm", {}), ("ssf", presets.PRESETS["resnet"]["ssf"]),
-               ("tsa", {}), ("lora", dict(targets=r"layer\d/block\d+/conv\d", rank=4)),
-               ("dora", dict(targets=r"layer\d/block\d+/conv\d", rank=4))],
-    "mobilenet_v2": [("tsa", presets.PRESETS["mobilenet_v2"]["tsa"]),
-                     ("lora", dict(presets.PRESETS["mobilenet_v2"]["lora"], rank=4))],
+    "resnet": [("full", {}), ("bias", {}), ("norm", {}), ("ssf", presets.preset("resnet50", "ssf")),
+               ("tsa", {}), ("lora", dict(presets.preset("resnet50", "lora"), rank=4)),
+               ("dora", dict(presets.preset("resnet50", "dora"), rank=4))],
+    "mobilenet_v2": [("tsa", presets.preset("mobilenet_v2", "tsa")),
+                     ("lora", dict(presets.preset("mobilenet_v2", "lora"), rank=4))],
 }
 ALL = [(f, name, kw) for f, cases in CASES.items() for name, kw in cases]
 IDS = [f"{f}-{name}{'-deep' if kw.get('deep') else ''}" for f, name, kw in ALL]
@@ -182,6 +183,54 @@ def test_lora_count_line_in_hugging_face_format():
   method = presets.build_method("vit_b16", "lora")
   assert str(presets.count_parameters("vit_b16", method, num_classes=3)) == (
       "trainable params: 592,131 || all params: 86,390,787 || trainable%: 0.6854")
+
+
+# --- defaults from model roles -------------------------------------------------------------------
+
+def test_role_defaults_select_the_same_layers_as_the_methods_own_vit_defaults():
+  # The methods' plain-regex defaults were written for the ViT: its roles must select exactly those.
+  _, variables, _ = tiny("vit")
+  params = variables["params"]
+  for name in ("lora", "ssf", "norm", "attention", "adaptformer", "vpt"):
+    by_roles = presets.build_method("vit_b16", name, **({"rank": 4} if name == "lora" else {}))
+    plain = peft.get_method(name, **({"rank": 4} if name == "lora" else {}))
+    assert by_roles != plain or name == "vpt"  # the regex fields really come from the roles
+    assert jax.tree.structure(by_roles.init(jax.random.key(0), params)) == \
+        jax.tree.structure(plain.init(jax.random.key(0), params)), name
+
+
+def test_a_new_method_needs_no_preset_entry_and_a_new_family_declares_its_roles_once(monkeypatch):
+  @dataclasses.dataclass(frozen=True)
+  class ConvGain(peft.Method):  # stands for any new method adapting whatever the model calls its convs
+    ROLE_DEFAULTS = {"targets": "{conv}|{value}"}
+    name = "conv_gain_test"
+    targets: str = "nothing-by-default"
+
+  monkeypatch.setitem(peft.METHODS._items, ConvGain.name, ConvGain)  # registered for this test only
+  spec = models.ModelSpec("roles_test_cnn", "roles_test", lambda **kw: None, 32, (0.5,) * 3, (0.5,) * 3, "none",
+                          roles={"conv": r"conv\d"})
+  monkeypatch.setitem(models.MODELS._items, spec.name, spec)
+  assert presets.preset("resnet50", ConvGain.name) == {"targets": r"(?:layer\d/block\d+/conv\d)"}
+  assert presets.preset("vit_b16", ConvGain.name) == {"targets": r"(?:block\d+/attn/value)"}
+  assert presets.preset(spec.name, ConvGain.name) == {"targets": r"(?:conv\d)"}
+  assert presets.preset(spec.name, "tsa") == {"targets": r"(?:conv\d)"}
+  with pytest.raises(ValueError, match=r"adaptformer on roles_test_cnn: its `targets` default adapts the "
+                                       r"model's mlp_block layers.*its roles: conv.*--config.peft.targets"):
+    presets.preset(spec.name, "adaptformer")
+
+
+def test_every_plain_hyperparameter_is_settable_from_the_config():
+  from configs import classify  # noqa: PLC0415
+
+  c = classify.get_config("model=vit_b16,method=lora")
+  assert (c.peft.rank, c.peft.init_weights, c.peft.rslora) == (16, "default", False)  # preset, then defaults
+  assert classify.get_config("model=vit_b16,method=vpt").peft.deep is False
+
+
+def test_unknown_role_names_are_errors():
+  with pytest.raises(ValueError, match="unknown role 'qurey'.*query"):
+    models.register_model("roles_typo", "x", lambda **kw: None, 32, (0.5,) * 3, (0.5,) * 3, "none",
+                          roles={"qurey": "q"})
 
 
 # --- errors ----------------------------------------------------------------------------------------

@@ -138,3 +138,46 @@ def test_params_command_prints_one_hugging_face_line():
       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout == "trainable params: 592,131 || all params: 86,390,787 || trainable%: 0.6854\n"
+
+
+def test_hf_peft_cli_converts_both_ways_with_the_head(tmp_path):
+  """launch.hf_peft: an HF LoRA adapter with its classifier in modules_to_save becomes our adapter (head
+  included) and goes back to an HF folder that PeftModel loads; outputs equal torch's both times."""
+  from launch import hf_peft as cli  # noqa: PLC0415
+
+  config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+  base = randomise(transformers.ViTForImageClassification(config))
+  base.save_pretrained(tmp_path / "base")
+  torch.save(base.state_dict(), tmp_path / "state_dict.bin")  # the module names an adapter for it uses
+  ref = hf_peft.get_peft_model(base, hf_peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        modules_to_save=["classifier"]))
+  _random_lora_factors(ref)
+  with torch.no_grad():
+    ref.base_model.model.classifier.modules_to_save["default"].weight.mul_(3.0)  # a head unlike the base's
+  ref.save_pretrained(tmp_path / "hf")
+  x, x_torch = random_images()
+  expected = torch_logits(ref, x_torch)
+
+  cli.import_hf(str(tmp_path / "hf"), "vit_b16", str(tmp_path / "base"), str(tmp_path / "ours"), image_size=32,
+                **TINY_VIT)
+  adapter = peft.load_adapter(tmp_path / "ours")
+  assert sorted(adapter.trainable["params"]) == ["head/bias", "head/kernel"]
+  model, variables, _ = models.load_pretrained("vit_b16", tmp_path / "base", num_classes=3, image_size=32, **TINY_VIT)
+  np.testing.assert_allclose(adapter.method.apply(model, variables, adapter.trainable, x), expected, atol=1e-4, rtol=0)
+
+  cli.export_hf(str(tmp_path / "ours"), str(tmp_path / "state_dict.bin"), str(tmp_path / "back"), image_size=32,
+                **TINY_VIT)
+  fresh = transformers.ViTForImageClassification.from_pretrained(tmp_path / "base")
+  again = hf_peft.PeftModel.from_pretrained(fresh, tmp_path / "back")
+  np.testing.assert_allclose(torch_logits(again, x_torch), expected, atol=1e-4, rtol=0)
+
+
+def test_a_hugging_face_lora_with_trained_biases_is_refused_not_dropped(tmp_path):
+  config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+  ref = hf_peft.get_peft_model(transformers.ViTForImageClassification(config),
+                               hf_peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+  ref.save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="lora_bias=true .* not supported"):
+    load_hf_peft_lora(tmp_path, "vit_b16")

@@ -20,11 +20,16 @@ from medpeft_jax.peft.adapters import (
 )
 from medpeft_jax.peft.core import METHODS, AdapterCall, MergeError, Method, ParamCount, get_method
 
-# Every module of this package but the core, the adapter files and the converters is a method file
-# that registers itself: a new method is its file (plus its test), with no list to edit here.
+# Every module of this package but the core, the adapter files, several-adapter tools and the converters is a
+# method file that registers itself: a new method is its file (plus its test), with no list to edit here.
 for _module in pkgutil.iter_modules(__path__):
-  if _module.name not in ("core", "adapters", "interop"):
+  if _module.name not in ("core", "adapters", "multi", "arithmetic", "interop"):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["METHODS", "Adapter", "AdapterBank", "AdapterCall", "AdapterMismatchError", "MergeError", "Method",
-           "NonFiniteAdapterError", "ParamCount", "check_adapter", "get_method", "load_adapter", "save_adapter"]
+from medpeft_jax.peft.arithmetic import COMBINATIONS, combine, combine_adapters, compose
+from medpeft_jax.peft.multi import AdapterStack, apply_mixed, mixed_forward, stack_adapters
+
+__all__ = ["COMBINATIONS", "METHODS", "Adapter", "AdapterBank", "AdapterCall", "AdapterMismatchError",
+           "AdapterStack", "MergeError", "Method", "NonFiniteAdapterError", "ParamCount", "apply_mixed",
+           "check_adapter", "combine", "combine_adapters", "compose", "get_method", "load_adapter",
+           "mixed_forward", "save_adapter", "stack_adapters"]

@@ -5,6 +5,7 @@
   adapter = load_adapter(dir)  # Adapter(method, trainable, batch_stats, config), .class_names, .preprocessing
   check_adapter(adapter, base_model="vit_b16", class_names=builder_classes)   # mismatch: AdapterMismatchError
   bank = AdapterBank(model, variables); bank.add("ham", adapter); bank.apply("ham", images)
+  bank.apply_mixed(["ham", "isic", "ham"], images)   # one adapter per example, one compiled forward
 
 A directory holds `adapter_model.safetensors` (flat '/'-joined names under `params/`, `adapters/`
 and `batch_stats/`) and `adapter_config.json` (method name, hyperparameters, base model, free
@@ -75,6 +76,15 @@ class Adapter:
 
   def __str__(self) -> str:
     return self.path or f"{self.method.name} adapter"
+
+  def save(self, directory: str | os.PathLike) -> int:
+    """`save_adapter` with this adapter's own metadata (e.g. one made by `peft.combine_adapters`)."""
+    meta = {k: v for k, v in self.config.items() if k not in ("format_version", "method", "hyperparameters")}
+    if "base_model" not in meta:
+      raise ValueError(f"Adapter {self} has no base_model in its config; use save_adapter(..., base_model=).")
+    return save_adapter(directory, self.method, self.trainable, self.batch_stats,
+                        base_model=meta.pop("base_model"), class_names=meta.pop("class_names", None),
+                        preprocessing=meta.pop("preprocessing", None), **meta)
 
 
 def _check_finite(tensors: dict[str, np.ndarray], source: str, advice: str) -> None:
@@ -188,14 +198,29 @@ def check_adapter(adapter: Adapter, *, base_model: str | None = None, class_name
 
 
 class AdapterBank:
-  """Several adapters on one frozen base model, switched by name."""
+  """Several adapters on one frozen base model, switched by name, or mixed within a batch (`apply_mixed`)."""
 
   def __init__(self, model, variables):
     self.model, self.variables = model, variables
     self.adapters: dict[str, Adapter] = {}
+    self._stack = None
+    self._forwards: dict = {}
 
   def add(self, name: str, adapter: Adapter | str | os.PathLike) -> None:
     self.adapters[name] = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    self._stack = None
+
+  def apply_mixed(self, names: Sequence[str], *inputs, **kwargs):
+    """Example i runs with adapter `names[i]`, in one jitted forward over all the bank's adapters (stacked
+    once: they must share one method and one head size; `medpeft_jax.peft.multi`). Other mixes reuse it."""
+    from medpeft_jax.peft import multi  # here: multi builds on this module
+
+    if self._stack is None:
+      self._stack = multi.stack_adapters(self.adapters, self.variables)
+    key = tuple(sorted(kwargs.items()))
+    if key not in self._forwards:
+      self._forwards[key] = multi.mixed_forward(self.model, **kwargs)
+    return self._forwards[key](self.variables, self._stack, self._stack.index(names), *inputs)
 
   def variables_for(self, name: str):
     adapter = self._get(name)

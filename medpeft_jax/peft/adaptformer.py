@@ -29,6 +29,7 @@ def input_width(flat: Flat, module: str) -> int:
 @register("adaptformer")
 @dataclasses.dataclass(frozen=True)
 class AdaptFormer(Method):
+  ROLE_DEFAULTS = {"targets": "{mlp_block}"}
   targets: str = r"(.*/)?mlp"  # the ViT MLP blocks (MlpBlock modules)
   bottleneck: int = 64
   scale: float = 0.1

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -152,6 +152,13 @@ class Method:
   """
 
   name = "method"  # set by @register
+  # Regex templates for the fields whose defaults depend on the model: `{role}` stands for the model's regex
+  # of that kind of layer (`models.ROLE_NAMES`, declared by each model), e.g. {"targets": "{query}|{value}"}.
+  # `presets.build_method` fills them in where neither the user nor the paper's settings set the field, so
+  # a new method runs on every model that has the layers it adapts. A field of OPTIONAL_ROLE_FIELDS may
+  # resolve to nothing (e.g. an exclusion); any other is an error when the model has none of its roles.
+  ROLE_DEFAULTS: ClassVar[Mapping[str, str]] = {}
+  OPTIONAL_ROLE_FIELDS: ClassVar[frozenset[str]] = frozenset()
   head: str | None = r"head/.*"
 
   # --- what a subclass defines ---------------------------------------------------------------------
@@ -192,6 +199,16 @@ class Method:
     """
     del grads, step
     return trainable, step_state
+
+  def for_run(self, total_steps: int) -> Method:
+    """The method for a run of `total_steps` steps (a schedule inside it needs them); itself for most."""
+    del total_steps
+    return self
+
+  def loss_term(self, trainable: Params) -> jax.Array | float:
+    """A term the method adds to the training loss (AdaLoRA's orthogonality regulariser); 0 for most."""
+    del trainable
+    return 0.0
 
   # --- the contract ----------------------------------------------------------------------------------
   def init(self, rng: jax.Array, params: Params) -> Params:

@@ -6,17 +6,24 @@ Conv kernel W (kh, kw, in, out): y = conv(x, W) + s·conv(x, A)·B, A (kh, kw, i
 s = alpha / r (or alpha / sqrt(r) with rsLoRA). A ~ U(±1/sqrt(fan_in)), B = 0, so training starts
 at the base model. `merge` folds W + s·A·B (for convs, into every tap: einsum over the rank).
 A target that selects a grouped (depthwise) conv is an error, as in Hugging Face PEFT.
+
+PiSSA (Meng et al. 2024; `init_weights="pissa"`, HF `init_lora_weights="pissa"`): A0·B0 = the kernel's top-r
+singular triplets / s (the kernel reshaped to (kh·kw·in, out)), and A, B start there. HF moves them out
+of the base (W_res = W - s·A0·B0); our base is frozen and shared, so A0, B0 are the method's derived
+state and the adapter runs y = x·W + s·(x·A·B - x·A0·B0): the same function, exactly the base at
+init, and `merge` folds W + s·(A·B - A0·B0).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, Params, flatten, module_paths, register, select
 
 
 def _kernel(flat: Flat, module: str):
@@ -25,13 +32,21 @@ def _kernel(flat: Flat, module: str):
   return flat[f"{module}/kernel"]
 
 
+def kernel_modules(flat: Flat, targets: str, what: str) -> list[str]:
+  """The modules `targets` selects, each checked to have a (dense or conv) kernel."""
+  modules = select(module_paths(flat), targets, what)
+  for m in modules:
+    _kernel(flat, m)
+  return modules
+
+
 def _down(module, a, x):
   """x·A for a dense module, conv(x, A) with the module's own stride/padding for a conv."""
   if a.ndim == 2:
     return x @ a.astype(x.dtype)
   groups = getattr(module, "feature_group_count", 1)
   if groups != 1:
-    raise ValueError(f"LoRA/TSA target {'/'.join(module.path)!r} is a grouped convolution "
+    raise ValueError(f"Adapter target {'/'.join(module.path)!r} is a grouped convolution "
                      f"(feature_group_count={groups}); these are not supported (as in Hugging Face PEFT). "
                      "Exclude it from the targets regex.")
   down = module.clone(parent=None, features=a.shape[-1], use_bias=False)
@@ -48,10 +63,17 @@ def _delta(a, b):
 class LoRA(Method):
   """Low-rank adapters on the dense/conv modules whose paths `targets` fully matches."""
 
+  ROLE_DEFAULTS = {"targets": "{query}|{value}|{conv}"}
   targets: str = r".*attn/(query|value)"
   rank: int = 8
   alpha: float | None = None  # None: alpha = rank (scale 1)
   rslora: bool = False
+  init_weights: str = "default"  # or "pissa" (a field named `init` would hide Method.init)
+  INITS: ClassVar[tuple[str, ...]] = ("default", "pissa")
+
+  def __post_init__(self):
+    if self.init_weights not in self.INITS:
+      raise ValueError(f"{self.name} init_weights={self.init_weights!r}: expected one of {self.INITS}.")
 
   @property
   def scale(self) -> float:
@@ -61,8 +83,27 @@ class LoRA(Method):
   def adapter_modules(self, flat: Flat) -> list[str]:
     return select(module_paths(flat), self.targets, f"{self.name} targets")
 
+  def _principal(self, w):
+    """PiSSA's A0 (.., in, r), B0 (r, out): s·A0·B0 = the rank-r truncated SVD of W."""
+    u, sv, vt = jnp.linalg.svd(w.reshape(-1, w.shape[-1]).astype(jnp.float32), full_matrices=False)
+    if self.rank > sv.shape[0]:
+      raise ValueError(f"PiSSA rank {self.rank} exceeds the rank bound {sv.shape[0]} of a kernel {w.shape}.")
+    root = jnp.sqrt(sv[:self.rank] / self.scale)
+    return (u[:, :self.rank] * root).reshape(*w.shape[:-1], self.rank), root[:, None] * vt[:self.rank]
+
+  def derived_state(self, params: Params) -> Flat:
+    if self.init_weights != "pissa":
+      return {}
+    flat = flatten(params)
+    out = {}
+    for m in self.adapter_modules(flat):
+      out[f"{m}/pissa_a0"], out[f"{m}/pissa_b0"] = self._principal(_kernel(flat, m))
+    return out
+
   def init_adapter(self, rng, module: str, flat: Flat):
     w = _kernel(flat, module)
+    if self.init_weights == "pissa":
+      return dict(zip("ab", self._principal(w)))
     shape_in, out = w.shape[:-1], w.shape[-1]
     bound = 1 / math.sqrt(math.prod(shape_in))  # kaiming_uniform(a=sqrt(5)), as PEFT and nn.Linear
     a = jax.random.uniform(rng, (*shape_in, self.rank), jnp.float32, -bound, bound)
@@ -71,11 +112,17 @@ class LoRA(Method):
   def call_adapter(self, adapter, call: AdapterCall):
     y = call.original()
     update = _down(call.module, adapter["a"], call.inputs) @ adapter["b"].astype(y.dtype)
+    if self.init_weights == "pissa":
+      a0, b0 = call.base[f"{call.path}/pissa_a0"], call.base[f"{call.path}/pissa_b0"]
+      update = update - _down(call.module, a0, call.inputs) @ b0.astype(y.dtype)
     return y + (self.scale * update).astype(y.dtype)
 
   def fold_adapter(self, flat, path, adapter):
     w = flat[f"{path}/kernel"]
-    return {**flat, f"{path}/kernel": w + self.scale * _delta(adapter["a"], adapter["b"]).astype(w.dtype)}
+    delta = _delta(adapter["a"], adapter["b"])
+    if self.init_weights == "pissa":
+      delta = delta - _delta(flat[f"{path}/pissa_a0"], flat[f"{path}/pissa_b0"])
+    return {**flat, f"{path}/kernel": w + self.scale * delta.astype(w.dtype)}
 
 
 @register("dora")
@@ -86,6 +133,8 @@ class DoRA(LoRA):
   As in Hugging Face PEFT, the norm is treated as a constant in the backward pass (the paper's
   memory-saving choice), so no weight gradient of W is ever formed.
   """
+
+  INITS: ClassVar[tuple[str, ...]] = ("default",)
 
   def init_adapter(self, rng, module, flat):
     adapter = super().init_adapter(rng, module, flat)

@@ -59,6 +59,7 @@ class Bias(Selective):
 class Norm(Selective):
   """Normalisation tuning: scale and bias of every BatchNorm / LayerNorm / GroupNorm."""
 
+  ROLE_DEFAULTS = {"targets": "{norm}/(scale|bias)"}
   targets: str | None = r"(.*/)?[^/]*(norm|bn)[^/]*/(scale|bias)"
 
 
@@ -67,6 +68,7 @@ class Norm(Selective):
 class Attention(Selective):
   """Attention tuning: every parameter of the attention blocks and the position embedding."""
 
+  ROLE_DEFAULTS = {"targets": "{attention}/.*|{position}"}
   targets: str | None = r"(.*/)?attn/.*|pos_embed"
 
 

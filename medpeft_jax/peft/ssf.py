@@ -19,6 +19,7 @@ from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, regis
 @register("ssf")
 @dataclasses.dataclass(frozen=True)
 class SSF(Method):
+  ROLE_DEFAULTS = {"after": "{query}|{key}|{value}|{attn_out}|{mlp}|{norm}"}  # after every op (on a CNN: every BN)
   after: str = r"(.*/)?(query|key|value|out|fc1|fc2|norm\d?)"
   init_std: float = 0.02
 

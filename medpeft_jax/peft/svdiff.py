@@ -37,7 +37,6 @@ class SVDiff(Method):
   """Spectral shifts on every dense/conv kernel `targets` selects (default: all of them)."""
 
   targets: str = r".*"
-  head: str | None = None
 
   def adapter_modules(self, flat: Flat) -> list[str]:
     trained = set(self.trainable_paths(flat))  # a head trained in place is not also shifted

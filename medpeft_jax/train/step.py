@@ -88,7 +88,7 @@ def make_train_step(model, method: Method, optimizer: optax.GradientTransformati
       out = method.apply(model, variables, trainable, batch["image"], train=train, rngs={"dropout": rng},
                          mutable=mutable, derived=derived)
       logits, updates = out if mutable else (out, {"batch_stats": batch_stats})
-      return loss_fn(logits, batch), (logits, updates["batch_stats"])
+      return loss_fn(logits, batch) + method.loss_term(trainable), (logits, updates["batch_stats"])
 
     (value, (logits, batch_stats)), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
     correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])

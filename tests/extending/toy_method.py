@@ -20,7 +20,9 @@ from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, regis
 @register("channel_scale")
 @dataclasses.dataclass(frozen=True)
 class ChannelScale(Method):
-  targets: str = r"(?!head).*"  # every module with a kernel but the head
+  # On a registered model: its convs and dense layers, whatever their names (`models.ROLE_NAMES`).
+  ROLE_DEFAULTS = {"targets": "{conv}|{query}|{key}|{value}|{attn_out}|{mlp}"}
+  targets: str = r"(?!head).*"  # without a model's roles: every module with a kernel but the head
 
   def adapter_modules(self, flat: Flat) -> list[str]:
     return select([m for m in module_paths(flat) if f"{m}/kernel" in flat], self.targets, "channel_scale targets")

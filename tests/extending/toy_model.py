@@ -29,5 +29,6 @@ class ToyCNN(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
+# Its roles (`models.ROLE_NAMES`): what every method's defaults adapt on it, declared once.
 models.register_model("toy_cnn", "toy_cnn", ToyCNN, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                      "none published: train with --config.init=random")
+                      "none published: train with --config.init=random", roles={"conv": r"conv\d"})

@@ -31,6 +31,10 @@ def diffusers_module(path: str) -> str:
 def export_unet_lora(method: LoRA, peft: dict, out: str | os.PathLike) -> pathlib.Path:
   if not isinstance(method, LoRA) or isinstance(method, DoRA):
     raise TypeError(f"Only plain LoRA adapters export to diffusers' format (got {method.name}).")
+  if method.init_weights != "default":  # PiSSA's update is s·(A·B - A0·B0): not one A·B pair
+    raise TypeError(f"A LoRA with init_weights={method.init_weights!r} does not export to diffusers' format: its "
+                    "update subtracts the principal factors A0·B0 from the frozen base. Merge it instead "
+                    "(launch.export).")
   tensors = {}
   for module, adapter in peft["adapters"].items():
     a, b = np.asarray(adapter["a"], np.float32), np.asarray(adapter["b"], np.float32)
