@@ -10,7 +10,7 @@ a few steps: CPU tests), plugins (your modules to import first, joined with +). 
 is settable from the command line: `weights.<model>` and `manual_dirs.<dataset>` (paths; "": none),
 `dataset_options.<dataset>.<option>` (max_side, on_bad_image, label_set, ...; the dataset's defaults),
 `lr.<method>` (> 0 fixes a method's learning rate: no search; 0.0: search), `lr_search` (grids per
-method, seed, step budget), `run` (the per-run training config of configs/classify.py:
+method, seed, step budget), `runs_together` (train seeds / LR candidates as one program), `run` (the per-run training config of configs/classify.py:
 --config.run.batch_size=...), `report` (metric, ties, combine_models, bootstrap). Read the "unset"
 values with medpeft_jax.config_checks (fixed_lr, dataset_options). The paper's experiments:
 configs/paper_table2.py, paper_table3.py, paper_fig1.py; the embedded main job: configs/embedded.py.
@@ -43,6 +43,9 @@ def sweep(models, methods, datasets, regimes, seeds, smoke=False, plugins="") ->
       "grid": dict(presets.LR_GRIDS),  # per method; "default" for the rest (medpeft_jax/presets.py)
       "seed": 0, "total_steps": 0, "regime": 0.0})  # 0: the runs' own schedule; 0.0: the largest regime
   c.run = classify.get_config(f"smoke={smoke},plugins={plugins}")
+  # Runs that differ only in seed (a regime's seeds) or learning rate (the search) train as one vmapped
+  # program (medpeft_jax/train/runs.py), each with its own record; pays where one run under-uses the device.
+  c.runs_together = False
   c.report = ml_collections.ConfigDict({"metric": "f1_macro", "ties": "average", "combine_models": False,
                                         "bootstrap": 0})
   return c

@@ -97,19 +97,41 @@ whole = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_pat
          if x.size >= 64 and any(s.data.shape == x.shape for s in x.addressable_shards)]
 sharded_b = [m for m, a in trainable["adapters"].items() if a["b"].sharding.spec != sharding.P()]
 print("WHOLE", whole); print("SHARDED_B", len(sharded_b), len(trainable["adapters"]))
+
+# 8 runs trained together on a ("runs",) mesh: each device holds one run, and the result is the unsharded one's.
+from medpeft_jax.train import optim, runs
+from medpeft_jax.train.step import make_train_step
+spec, params = optim.OptimizerSpec(), jax.device_get(variables["params"])
+states = [init_train_state(method, {"params": params}, spec.build(lr, 1, 10), jax.random.key(i))
+          for i, lr in enumerate(np.geomspace(1e-4, 1e-2, 8))]
+x = np.random.default_rng(0).standard_normal((8, 4, 32, 32, 3)).astype(np.float32)
+batch = {"image": x, "label": np.zeros((8, 4), np.int32)}
+step = runs.vmapped_step(make_train_step(model, method, spec.build(1e-3), jit=False))
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("runs",))
+spread = runs.shard_runs(runs.stack(states), mesh)
+one_each = all(s.data.shape[0] == 1 for x in jax.tree.leaves(spread) for s in x.addressable_shards)
+spread, _ = step(spread, params, runs.shard_runs(batch, mesh), None)
+alone, _ = step(jax.device_put(runs.stack(states), jax.devices()[0]), params, batch, None)
+diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(spread.trainable),
+                                                                               jax.tree.leaves(alone.trainable)))
+print("RUNS", one_each, spread.trainable["adapters"]["block0/attn/query"]["b"].sharding.spec, diff)
 """
 
 
-def test_fsdp_parameters_are_never_whole_on_one_device():
+def test_fsdp_parameters_are_never_whole_on_one_device_and_runs_spread_over_devices():
   """8 simulated devices, fsdp=8: every base leaf of a tiny ViT above the size threshold is created split
-  (never whole on a device), and LoRA's B factors follow their kernel's output-feature sharding."""
+  (never whole on a device), and LoRA's B factors follow their kernel's output-feature sharding. Then 8 runs
+  trained together on a ("runs",) mesh: one run per device, one SPMD step, equal to the unsharded step."""
   out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert out.returncode == 0, out.stderr[-3000:]
-  lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("WHOLE", "SHARDED_B")))
+  lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("WHOLE", "SHARDED_B", "RUNS")))
   assert lines["WHOLE"] == "[]", lines["WHOLE"]
   sharded, total = map(int, lines["SHARDED_B"].split())
   assert total == 4 and sharded == total  # q and v of 2 blocks
+  one_each, rest = lines["RUNS"].split(" ", 1)
+  spec, diff = rest.rsplit(" ", 1)
+  assert one_each == "True" and "runs" in spec and float(diff) < 1e-6, lines["RUNS"]
 
 
 def test_linear_probe_on_cached_features_equals_the_whole_model(easy, tmp_path):

@@ -7,12 +7,15 @@ and then the winner is adopted as that seed's final run)) and the best validatio
 LR per method on validation; PEFT prefers ~10x higher LRs than full fine-tuning, hence separate
 grids. Then every regime x seed trains with it. Each run is one `train_and_evaluate` in its own
 folder (so a killed run resumes where it was); finished runs are skipped on re-runs; a failing
-run is recorded (status "failed") and the sweep goes on.
+run is recorded (status "failed") and the sweep goes on. With `runs_together`, the runs that differ
+only in seed (a regime's seeds) or learning rate (an LR search) train as one vmapped program
+(`trainer.train_together`), each with the record it would have alone, marked `trained_together`.
 """
 
 from __future__ import annotations
 
 import ml_collections
+from absl import logging
 
 from medpeft_jax import config_checks, models, presets
 from medpeft_jax.bench.store import config_hash
@@ -35,7 +38,7 @@ def run_config(bench, spec: RunSpec) -> ml_collections.ConfigDict:
   run = presets.variant(spec.method)  # "scratch": full from a random initialisation
   c.model, c.method, c.init, c.dataset, c.regime, c.seed, c.lr = (
       spec.model, run["method"], run["init"], spec.dataset, spec.regime, spec.seed, spec.lr)
-  c.peft = presets.preset(spec.model, run["method"])
+  c.peft = presets.config_fields(spec.model, run["method"])
   if bench.smoke:  # the template's tiny sizes are those of its own model's family; tiny models start random
     c.model_overrides = presets.TINY_MODELS[models.get_spec(spec.model).family]
     c.init = "random"
@@ -70,26 +73,50 @@ def run_classification_sweep(bench: ml_collections.ConfigDict, workdir) -> list[
     return _run_cells(bench, sweep, cells, searches, largest)
 
 
+def _train(configs, folders, group) -> list[dict]:
+  """Runs apart, or (2+ runs that may: `trainer.check_together`) as one vmapped program."""
+  if len(configs) > 1:
+    results = trainer.train_together(configs, folders, group)
+  else:
+    results = [trainer.train_and_evaluate(configs[0], folders[0])]
+  return [{**_classification_fields(c, r), **({"trained_together": len(configs)} if len(configs) > 1 else {})}
+          for c, r in zip(configs, results)]
+
+
 def _run_cells(bench, sweep: Sweep, cells, searches, largest) -> list[dict]:
-  def run(spec: RunSpec) -> dict:
-    config = run_config(bench, spec)
-    return sweep.run(spec, config,
-                     lambda folder: _classification_fields(config, trainer.train_and_evaluate(config, folder)),
-                     lambda record: f"test macro-F1 {record['metrics']['f1_macro']:.4f}")
+  summary = lambda record: f"test macro-F1 {record['metrics']['f1_macro']:.4f}"  # noqa: E731
+
+  def run_all(specs: list[RunSpec]) -> list[dict]:
+    """The runs, together where `runs_together` is on and they may (same everything but seed and lr)."""
+    configs = [run_config(bench, spec) for spec in specs]
+    if bench.get("runs_together", False) and len(specs) > 1:
+      try:
+        trainer.check_together(configs)
+      except ValueError as why:  # e.g. scratch runs (each seed its own base): apart, said once per group
+        logging.info("Training %s apart: %s", specs[0].method, why)
+      else:
+        try:
+          return sweep.run_group(specs, configs, _train, summary, record_failure=False)
+        except Exception as e:  # noqa: BLE001  (one diverging run, or regime subsets of other sizes, stops a group:
+          # apart, each run gets the record it would have had alone: the diverging one fails, the others not)
+          logging.warning("Training %s runs together failed (%s: %s); training them apart.", specs[0].method,
+                          type(e).__name__, e)
+    return [sweep.run_group([spec], [config], _train, summary)[0] for spec, config in zip(specs, configs)]
 
   records = []
   for model, dataset, method in cells:
     candidates, trials = searches[(model, dataset, method)], []
     lr = candidates[0]
     if len(candidates) > 1:
-      trials = [run(RunSpec("lr_search", model, method, dataset, largest, bench.lr_search.seed, c))
-                for c in candidates]
+      trials = run_all([RunSpec("lr_search", model, method, dataset, largest, bench.lr_search.seed, c)
+                        for c in candidates])
       ok = [t for t in trials if t["status"] == "ok"]
       if ok:  # best validation macro-F1; ties go to the smaller learning rate
         lr = max(ok, key=lambda t: (t["validation"]["f1_macro"], -t["lr"]))["lr"]
       records += trials
     winner = next((t for t in trials if t["status"] == "ok" and t["lr"] == lr), None) if len(candidates) > 1 else None
     for regime in bench.regimes:
+      pending = []
       for seed in bench.seeds:
         spec = RunSpec("final", model, method, dataset, float(regime), int(seed), lr)
         config = run_config(bench, spec)
@@ -97,5 +124,6 @@ def _run_cells(bench, sweep: Sweep, cells, searches, largest) -> list[dict]:
                 and config_hash(config) == config_hash(winner["config"])):
           records.append(sweep.adopt(spec, config, winner))  # the same run: trained once
         else:
-          records.append(run(spec))
+          pending.append(spec)
+      records += run_all(pending) if pending else []
   return records

@@ -128,23 +128,45 @@ class Sweep:
   def run(self, spec: RunSpec, config, execute: Callable[[pathlib.Path], dict],
           summary: Callable[[dict], str]) -> dict:
     """`execute(folder)` does the run and returns its record fields; `summary(record)` is its log line."""
-    self.bar.set_postfix_str(f"{spec.model} {spec.dataset} {spec.method} r{spec.regime:g} s{spec.seed}")
-    if spec.key(config) in self.finished:
-      self.bar.update(1)
-      return self.finished[spec.key(config)]
-    folder = self.workdir / "runs" / spec.folder(config)
-    start = time.perf_counter()
-    try:
-      fields = execute(folder)
-      record = {**base_record(spec, config, folder, time.perf_counter() - start), **fields}
-      self.bar.write(f"{spec.kind:9s} {spec.model} {spec.dataset} {spec.method} regime {spec.regime:g} seed "
-                     f"{spec.seed} lr {spec.lr:g}: {summary(record)} ({record['wall_time_s']:.0f} s)")
-    except Exception as e:  # noqa: BLE001  (a failed run is a result, not the end of the sweep)
-      logging.error("Run %s failed:\n%s", spec, traceback.format_exc())
-      record = {**base_record(spec, config, folder, time.perf_counter() - start), "status": "failed",
-                "error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"}
-      self.bar.write(f"FAILED {spec}: {type(e).__name__}: {e}")
-    record = json.loads(json.dumps(record))  # as stored (tuples as lists): a re-run returns equal records
-    self.store.append(record)
-    self.bar.update(1)
-    return record
+    return self.run_group([spec], [config], lambda configs, folders, group: [execute(folders[0])], summary)[0]
+
+  def run_group(self, specs: list[RunSpec], configs: list, execute: Callable[..., list[dict]],
+                summary: Callable[[dict], str], record_failure: bool = True) -> list[dict]:
+    """Runs the specs not finished yet as one `execute(configs, folders, group_folder)` call (runs trained
+    together keep their shared state and checkpoints in `group_folder`), recording each run. A failure fails
+    every run of the call: recorded, or (record_failure=False) raised for the caller to train them apart."""
+    records = {i: self.finished[spec.key(config)] for i, (spec, config) in enumerate(zip(specs, configs))
+               if spec.key(config) in self.finished}
+    self.bar.update(len(records))
+    todo = [i for i in range(len(specs)) if i not in records]
+    if todo:
+      spec = specs[todo[0]]
+      self.bar.set_postfix_str(f"{spec.model} {spec.dataset} {spec.method} r{spec.regime:g} s{spec.seed}"
+                               + (f" (+{len(todo) - 1} together)" if len(todo) > 1 else ""))
+      folders = [self.workdir / "runs" / specs[i].folder(configs[i]) for i in todo]
+      relative = "".join(str(f.relative_to(self.workdir)) for f in folders)  # the sweep folder may move
+      group = self.workdir / "groups" / hashlib.sha256(relative.encode()).hexdigest()[:16]
+      start = time.perf_counter()
+      try:
+        results = execute([configs[i] for i in todo], folders, group)
+        wall = (time.perf_counter() - start) / len(todo)  # a group's wall time shared out per run
+        done = [{**base_record(specs[i], configs[i], folder, wall), **fields}
+                for i, folder, fields in zip(todo, folders, results)]
+        for record in done:
+          self.bar.write(f"{record['kind']:9s} {record['model']} {record['dataset']} {record['method']} regime "
+                         f"{record['regime']:g} seed {record['seed']} lr {record['lr']:g}: {summary(record)} "
+                         f"({record['wall_time_s']:.0f} s)")
+      except Exception as e:  # noqa: BLE001  (a failed run is a result, not the end of the sweep)
+        if not record_failure:
+          raise
+        logging.error("Run(s) %s failed:\n%s", [specs[i] for i in todo], traceback.format_exc())
+        wall = time.perf_counter() - start
+        done = [{**base_record(specs[i], configs[i], folder, wall), "status": "failed",
+                 "error": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"}
+                for i, folder in zip(todo, folders)]
+        self.bar.write(f"FAILED {[specs[i] for i in todo]}: {type(e).__name__}: {e}")
+      for i, record in zip(todo, done):
+        records[i] = json.loads(json.dumps(record))  # as stored (tuples as lists): a re-run returns equal records
+        self.store.append(records[i])
+        self.bar.update(1)
+    return [records[i] for i in range(len(specs))]

@@ -14,6 +14,8 @@ The loop owns what must be the same for every task:
     the last finite checkpoint, and no checkpoint, best adapter or result is written from it;
   - a progress bar, metrics.jsonl + TensorBoard, the loop's pace per step, and an optional
     `jax.profiler` trace of a step range.
+Runs trained together (`Task.runs`, train/runs.py): the state, each batch and every metric carry a
+leading run axis; each run logs to its own logger and a non-finite value names the run.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from medpeft_jax.train import logs
@@ -77,9 +81,14 @@ class Task:
   evaluators: Sequence[Evaluator]
   total_steps: int
   identity: dict  # what makes this run this run (a resume must match it)
-  learning_rate: Callable[[int], float]  # the schedule at a 1-based step, for logs and errors
+  learning_rate: Callable[[int], Any]  # the schedule at a 1-based step (one value per run), for logs and errors
   hint: str = ""  # what to change after a non-finite value, besides the learning rate
   on_start: Callable[[Any], None] | None = None  # called with the fresh state of a run that does not resume
+  # Names of runs trained together (train/runs.py); empty for one run. With runs, the state, batches and
+  # step metrics have a leading axis of this length, evaluators return one metrics dict per run (None for a
+  # run they no longer evaluate; an evaluator's `stopped_runs[i]` marks a run that stopped early, whose
+  # later steps are neither logged nor checked), and `learning_rate` one value per run.
+  runs: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +117,7 @@ class _Pending:
     self.start = time.perf_counter()
 
   def read(self) -> list[tuple[int, dict]]:
-    out = [(at, {k: float(v) for k, v in m.items()}) for at, m in self.items]
+    out = [(at, {k: np.asarray(v, np.float64) for k, v in m.items()}) for at, m in self.items]
     if self.items:
       now = time.perf_counter()
       self.windows.append((now - self.start) / len(self.items))
@@ -139,9 +148,41 @@ def _check_identity(workdir: pathlib.Path, identity: dict, resuming: bool) -> No
     path.write_text(json.dumps(plain, indent=2, sort_keys=True) + "\n")
 
 
-def run(task: Task, workdir, settings: LoopSettings, logger: logs.RunLogger) -> LoopResult:
-  """Trains `task` to `task.total_steps` in `workdir`, resuming from its last checkpoint; see module doc."""
+def _per_run(values, runs: tuple[str, ...]) -> list:
+  """One entry per run: `values` itself for a single run, else its run axis unstacked (dicts by key)."""
+  if not runs:
+    return [values]
+  if isinstance(values, dict):
+    return [{k: v[i] for k, v in values.items()} for i in range(len(runs))]
+  if len(values) != len(runs):
+    raise ValueError(f"Expected one value per run ({len(runs)}: {', '.join(runs)}), got {len(values)}.")
+  return list(values)
+
+
+def _zero_non_finite(state, stopped: list[bool]):
+  """A stopped run trains on with the others but nothing of it is used any more: its non-finite values (if
+  it diverged after its stop) become 0 so that the shared checkpoint stays finite."""
+  mask = np.asarray(stopped)
+
+  def clean(x):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+      return x
+    drop = jnp.asarray(mask).reshape((-1,) + (1,) * (x.ndim - 1)) & ~jnp.isfinite(x)
+    return jnp.where(drop, jnp.zeros((), x.dtype), x)
+
+  return jax.tree.map(clean, state)
+
+
+def run(task: Task, workdir, settings: LoopSettings, logger: logs.RunLogger | Sequence[logs.RunLogger]) -> LoopResult:
+  """Trains `task` to `task.total_steps` in `workdir`, resuming from its last checkpoint; see module doc.
+
+  `logger`: one per run when `task.runs` is set (each run's records as if it had trained alone).
+  """
   workdir = pathlib.Path(workdir)
+  loggers = list(logger) if task.runs else [logger]
+  if len(loggers) != max(len(task.runs), 1):
+    raise ValueError(f"{len(task.runs)} runs need as many loggers, not {len(loggers)}.")
+  label = lambda i: f" in run {task.runs[i]}" if task.runs else ""
   checkpoints = Checkpoints(workdir / "checkpoints", settings.keep_checkpoints)
   latest = checkpoints.latest()
   _check_identity(workdir, task.identity, latest is not None)
@@ -152,38 +193,49 @@ def run(task: Task, workdir, settings: LoopSettings, logger: logs.RunLogger) -> 
     task.batches.restore(extra["batches"])
     for evaluator in task.evaluators:
       evaluator.restore(extra["evaluators"][evaluator.name])
-    logger.truncate(latest)
+    for each in loggers:
+      each.truncate(latest)
     logs.log_info("Resumed from the checkpoint at step %d.", latest)
   else:
-    logger.truncate(-1)  # records of an attempt that died before its first checkpoint
+    for each in loggers:
+      each.truncate(-1)  # records of an attempt that died before its first checkpoint
     if task.on_start:
       task.on_start(state)
 
-  step, total = int(state.step), task.total_steps
+  step, total = int(np.max(state.step)), task.total_steps  # runs trained together share their step
 
   def stop_requested() -> bool:
     return any(getattr(e, "stop_requested", False) for e in task.evaluators)
+
+  def stopped(i: int) -> bool:
+    """Run i stopped early while others train on: nothing of it is logged or checked any more."""
+    return any(e.stopped_runs[i] for e in task.evaluators if hasattr(e, "stopped_runs"))
 
   last_finite = latest
   bar = tqdm(total=total, initial=step, desc=task.name, unit="step",
              disable=jax.process_index() != 0 or not settings.progress)
   pending = _Pending()
 
-  def stop(what: str, at: int) -> FloatingPointError:
+  def stop(what: str, at: int, i: int = 0) -> FloatingPointError:
     bar.close()
     kept = (f"the last finite checkpoint (step {last_finite}) is kept in {checkpoints.directory}"
             if last_finite is not None else "no checkpoint was written")
+    lr = float(_per_run(task.learning_rate(at), task.runs)[i])
     return FloatingPointError(
-        f"{what} at step {at} (learning rate there {task.learning_rate(at):.3g}). Stopped; {kept}, and no adapter "
+        f"{what}{label(i)} at step {at} (learning rate there {lr:.3g}). Stopped; {kept}, and no adapter "
         f"or result was written from it. Lower the learning rate{task.hint}.")
 
   def read_back() -> None:
     for at, metrics in pending.read():
-      if not math.isfinite(metrics["loss"]):
-        raise stop(f"Non-finite training loss ({metrics['loss']})", at)
+      per_run = [{k: float(v) for k, v in m.items()} for m in _per_run(metrics, task.runs)]
+      for i, m in enumerate(per_run):
+        if not math.isfinite(m["loss"]) and not stopped(i):
+          raise stop(f"Non-finite training loss ({m['loss']})", at, i)
       if at % settings.log_every == 0 or at == total:
-        logger.write(at, "train", {**metrics, "lr": task.learning_rate(at)})
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        for i, (each, m, lr) in enumerate(zip(loggers, per_run, _per_run(task.learning_rate(at), task.runs))):
+          if not stopped(i):
+            each.write(at, "train", {**m, "lr": float(lr)})
+      bar.set_postfix(loss=" ".join(f"{m['loss']:.4f}" for m in per_run))
 
   tracing = False
   while step < total and not stop_requested():
@@ -207,15 +259,23 @@ def run(task: Task, workdir, settings: LoopSettings, logger: logs.RunLogger) -> 
     if not (due or checkpointing):
       continue
     if not bool(all_finite(state.trainable)):
-      raise stop(f"Non-finite trainable values ({', '.join(non_finite_leaves(state.trainable))})", step)
+      trainable = ([jax.tree.map(lambda x, i=i: x[i], state.trainable) for i in range(len(task.runs))]
+                   if task.runs else [state.trainable])
+      bad = [i for i, t in enumerate(trainable) if not bool(all_finite(t)) and not stopped(i)]
+      if bad:
+        raise stop(f"Non-finite trainable values ({', '.join(non_finite_leaves(trainable[bad[0]]))})", step, bad[0])
     for evaluator in due:
-      metrics = evaluator(state, step)
-      logger.write(step, evaluator.name, metrics)
-      scalars = [f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)][:4]
-      bar.write(f"step {step}: {evaluator.name} {', '.join(scalars)}")
+      for i, (each, metrics) in enumerate(zip(loggers, _per_run(evaluator(state, step), task.runs))):
+        if metrics is None:  # a run that stopped early is no longer evaluated
+          continue
+        each.write(step, evaluator.name, metrics)
+        scalars = [f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)][:4]
+        bar.write(f"step {step}: {evaluator.name}{label(i)} {', '.join(scalars)}")
     # Evaluations need no checkpoint of their own: a run resumed from an earlier one repeats them exactly
     # (batches and evaluators are restored with the state). An early stop is checkpointed, so it stays stopped.
     if checkpointing or stop_requested():
+      if task.runs and any(map(stopped, range(len(task.runs)))):
+        state = _zero_non_finite(state, [stopped(i) for i in range(len(task.runs))])
       checkpoints.save(step, state, {"batches": task.batches.state(),
                                      "evaluators": {e.name: e.state() for e in task.evaluators}})
       last_finite = step

@@ -72,7 +72,8 @@ def make_t2i_step(unet, method: peft.Method, optimizer, schedule: NoiseSchedule,
 
   def step(state: T2IState, params, batch, derived):
     rng, step_rng = jax.random.split(state.rng)
-    value, grads = jax.value_and_grad(loss_fn)(state.trainable, params, batch, derived, step_rng)
+    objective = lambda trainable, *args: loss_fn(trainable, *args) + method.loss_term(trainable)  # noqa: E731
+    value, grads = jax.value_and_grad(objective)(state.trainable, params, batch, derived, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     new, method_state = method.after_update(optax.apply_updates(state.trainable, updates), grads,
                                             state.method_state, state.step + 1)
@@ -170,7 +171,7 @@ def _train_t2i(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict
   params = jax.device_put(params, placement.params(params))
   schedule_file = pathlib.Path(config.pipeline) / "scheduler" / "scheduler_config.json"
   schedule = NoiseSchedule.from_config(schedule_file) if schedule_file.is_file() else NoiseSchedule()
-  method = presets.build_method(presets.UNET, config.method, **dict(config.peft))
+  method = presets.build_method(presets.UNET, config.method, **dict(config.peft)).for_run(config.total_steps)
   lr = config.lr or presets.default_lr(config.method, "t2i")
   optimizer_spec = optim.OptimizerSpec(config.grad_clip, config.weight_decay, "constant")
   optimizer = optimizer_spec.build(lr)

@@ -7,10 +7,13 @@ every epoch (or `eval_every` steps), keeps the adapter with the best validation 
 class names and preprocessing) and evaluates it on the test split. The loop (train/loop.py) gives
 exact resume, finite-or-nothing checks, logs and checkpoints. Everything lands in `workdir`:
 checkpoints/, best_adapter/, metrics.jsonl, tensorboard/, run_identity.json, results.json.
+`train_together` trains runs that differ only in seed and learning rate as one vmapped program
+(train/runs.py), each with the records it would have alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pathlib
 
@@ -23,7 +26,7 @@ from jax.experimental import multihost_utils
 from medpeft_jax import config_checks, data, models, peft, presets
 from medpeft_jax.fileio import fingerprint
 from medpeft_jax.models.weights.readers import checkpoint_file
-from medpeft_jax.train import linear_probe, logs, loop, optim, sharding
+from medpeft_jax.train import linear_probe, logs, loop, optim, runs, sharding
 from medpeft_jax.train.metrics import classification_metrics
 from medpeft_jax.train.programs import PROGRAMS, xla_memory_estimate
 from medpeft_jax.train.step import classification_loss, init_train_state, make_train_step, per_example_weights
@@ -130,7 +133,10 @@ def load_dataset(config):
 
 
 class GrainBatches:
-  """The grain loader's batches, made global, with per-example class weights; resumable by iterator state."""
+  """The grain loader's batches with per-example class weights; resumable by iterator state.
+
+  Global arrays over `mesh`, or (mesh None) this process's share as numpy, for `runs.StackedBatches`.
+  """
 
   def __init__(self, loader, mesh, weights: np.ndarray):
     self.iterator, self.mesh, self.weights = iter(loader), mesh, weights
@@ -139,7 +145,7 @@ class GrainBatches:
     del step  # the iterator's own position is the step's (restored with it)
     local = next(self.iterator)
     local["weight"] = per_example_weights(local["label"], self.weights)
-    return sharding.global_batch(local, self.mesh)
+    return sharding.global_batch(local, self.mesh) if self.mesh is not None else local
 
   def state(self) -> str:
     return self.iterator.get_state().decode()
@@ -175,6 +181,8 @@ class Validation:
       self.save_best(state, step)
     else:
       self.best["since_best"] += 1
+      if self.stop_requested:
+        self.best["stopped_at"] = step
     return metrics
 
   def state(self) -> dict:
@@ -191,20 +199,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   """
   config_checks.check_classify(config)  # loads the plugins; before anything is built or written
   with WorkdirLock(workdir):
-    return _train_and_evaluate(config, pathlib.Path(workdir))
+    return _train([config], [pathlib.Path(workdir)], pathlib.Path(workdir))[0]
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+# What runs trained together may differ in (logging, checkpointing and profiling are the group's, so equal).
+_PER_RUN = frozenset({"seed", "lr"})
+
+
+def check_together(configs) -> None:
+  """Runs train together (one vmapped program, train/runs.py) only when they differ in seed and learning
+  rate alone and share one pre-trained base; anything else is an error naming what differs."""
+  if len(configs) < 2:
+    raise ValueError(f"Training together takes 2 or more runs, not {len(configs)}.")
+  first = configs[0].to_dict()
+  for other in configs[1:]:
+    d = other.to_dict()
+    differ = sorted(k for k in set(first) | set(d) if k not in _PER_RUN and first.get(k) != d.get(k))
+    if differ:
+      raise ValueError(f"Runs trained together may differ only in seed and lr; these also differ in {differ} "
+                       f"({', '.join(f'{k}: {first.get(k)!r} vs {d.get(k)!r}' for k in differ[:3])}). Train them apart.")
+  if configs[0].init != "pretrained":
+    raise ValueError("Runs trained together share one frozen base, so they start from pre-trained weights; runs "
+                     f"with init={configs[0].init!r} (each seed its own random base) train apart.")
+  if configs[0].method == "linear" and configs[0].get("linear_on_features", False):
+    raise ValueError("The linear probe on cached features trains apart (its steps are a head's matmul: nothing "
+                     "to share); set linear_on_features=False to train it together.")
+
+
+def train_together(configs, workdirs, group_dir) -> list[dict]:
+  """K runs that differ only in seed and learning rate, trained as one program; returns their results.
+
+  Each run gets what it would get alone in its own workdir (metrics.jsonl, best_adapter/, results.json:
+  its own data order, regime subset, initialisation, learning rate and early stop), up to float rounding
+  (tests/test_runs.py). The shared train state and its checkpoints live in `group_dir`, so a killed
+  group resumes as one.
+  """
+  for config in configs:
+    config_checks.check_classify(config)
+  check_together(configs)
+  for folder in map(pathlib.Path, workdirs):
+    if (folder / "checkpoints").exists() or (folder / loop.IDENTITY_FILE).exists():
+      raise ValueError(f"{folder} holds a run trained alone (checkpoints/ or {loop.IDENTITY_FILE}); a group keeps "
+                       f"its state in {group_dir}. Resume it alone, or delete {folder} to train it in the group.")
+  with contextlib.ExitStack() as locks:
+    for folder in (group_dir, *workdirs):
+      locks.enter_context(WorkdirLock(folder))
+    return _train(list(configs), [pathlib.Path(w) for w in workdirs], pathlib.Path(group_dir))
+
+
+def _stacked(shardings):
+  """The shardings of a stacked pytree: each leaf's own, behind an unsplit run axis."""
+  return jax.tree.map(lambda s: sharding.NamedSharding(s.mesh, sharding.P(None, *s.spec)), shardings)
+
+
+def _train(configs: list, workdirs: list[pathlib.Path], loop_dir: pathlib.Path) -> list[dict]:
+  """One run (`configs` of one) or runs trained together; see `train_and_evaluate` and `train_together`."""
   logs.quiet_libraries()
-  logger = logs.RunLogger(workdir)
+  together, config = len(configs) > 1, configs[0]  # the shared settings are the first run's (check_together)
+  for workdir in workdirs:
+    workdir.mkdir(parents=True, exist_ok=True)
+  loggers = [logs.RunLogger(workdir) for workdir in workdirs]
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   placement = sharding.Placement(mesh, config.mesh.rules, config.mesh.min_shard_size)
 
   builder = load_dataset(config)
-  train_split = data.Split(builder, "train", regime=config.regime, regime_seed=config.seed)
+  train_splits = [data.Split(builder, "train", regime=c.regime, regime_seed=c.seed) for c in configs]
   val_split, test_split = data.Split(builder, "validation"), data.Split(builder, "test")
-  for split in (train_split, val_split, test_split) if config.get("cache_images_mb", 0) else ():
+  for split in (*train_splits, val_split, test_split) if config.get("cache_images_mb", 0) else ():
     split.cache_decoded(config.cache_images_mb << 20)
+  train_split = train_splits[0]
   spec = models.get_spec(config.model)
   size = config.image_size or spec.image_size
   preprocessing = {"image_size": size, "mean": list(spec.mean), "std": list(spec.std)}
@@ -216,27 +279,32 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if steps_per_epoch == 0:
     raise ValueError(f"{len(train_split)} training images (regime {config.regime}) do not fill one batch of "
                      f"config.batch_size={config.batch_size}; lower the batch size or use a larger regime.")
+  if len({len(split) for split in train_splits}) > 1:
+    raise ValueError(f"The runs' regime subsets differ in size ({[len(s) for s in train_splits]} images), so their "
+                     "step budgets differ; train them apart.")
   # The paper's budget is in epochs; a floor of steps keeps tiny regimes (a few batches an epoch) trainable.
   total_steps = config.total_steps or max(config.epochs * steps_per_epoch, config.get("min_steps", 0))
+  method = method.for_run(total_steps)  # e.g. AdaLoRA's rank budget follows the run's length
   name = presets.variant_name(config.method, config.init)
-  lr = config.lr or presets.default_lr(name)
+  lrs = [c.lr or presets.default_lr(name) for c in configs]
   warmup = min(int(config.warmup_fraction * total_steps), max(total_steps - 1, 0))
   optimizer_spec = optim.OptimizerSpec(config.grad_clip, config.weight_decay, "cosine")
-  optimizer = optimizer_spec.build(lr, warmup, total_steps)
-  weights = class_weights(train_split) if config.class_weighted else np.ones(train_split.num_classes, np.float32)
+  optimizers = [optimizer_spec.build(lr, warmup, total_steps) for lr in lrs]  # the same update; their own state
+  class_weights_ = [class_weights(split) if config.class_weighted else np.ones(split.num_classes, np.float32)
+                    for split in train_splits]
 
   derived_sh = placement.derived(jax.eval_shape(method.derived_state, params))
   derived = jax.jit(method.derived_state, out_shardings=derived_sh)(params)  # {} except for SV-Diff
-  init = functools.partial(init_train_state, method, variables, optimizer)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  inits = [functools.partial(init_train_state, method, variables, optimizer) for optimizer in optimizers]
+  abstract = jax.eval_shape(inits[0], jax.random.PRNGKey(config.seed))
   state_sh = placement.state(abstract, placement.trainable(abstract.trainable))
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(config.seed))
+  states = [jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(c.seed)) for init, c in zip(inits, configs)]
   leaves = jax.tree.leaves(state_sh)
   logs.log_info("Mesh %s; %d of %d state leaves sharded over 'fsdp'.", dict(mesh.shape),
                 sum(s.spec != sharding.P() for s in leaves), len(leaves))
 
   batch_sh = sharding.batch_sharding(mesh)
-  splits = {"train": train_split, "validation": val_split, "test": test_split}
+  splits = {"validation": val_split, "test": test_split}
   eval_batch = config.eval_batch_size or config.batch_size
   if config.method == "linear" and config.get("linear_on_features", False):
     # The frozen trunk runs once per image (train/linear_probe.py); only the head steps.
@@ -245,13 +313,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
            "weights": config.weights, "seed": config.seed if config.init == "random" else None, "size": size}
     features = {name: linear_probe.split_features(key, trunk, trunk_variables, split, image_size=size, mean=spec.mean,
                                                   std=spec.std, batch_size=eval_batch, mesh=mesh)
-                for name, split in splits.items()}
+                for name, split in {"train": train_split, **splits}.items()}
     width = features["train"][0].shape[-1]
     batch_spec = {"features": jax.ShapeDtypeStruct((config.batch_size, width), jnp.float32, sharding=batch_sh)}
     statics = ("linear probe on features", optimizer_spec, config.label_smoothing)
-    make_step = functools.partial(linear_probe.make_head_step, optimizer, config.label_smoothing)
-    step_params, batches = {}, linear_probe.FeatureBatches(*features["train"], config.batch_size, config.seed,
-                                                              mesh, weights)
+    make_step = functools.partial(linear_probe.make_head_step, optimizers[0], config.label_smoothing)
+    step_params = {}
+    sources = [linear_probe.FeatureBatches(*features["train"], config.batch_size, config.seed, mesh,
+                                           class_weights_[0])]
 
     def evaluate_on(trainable, batch_stats, name):
       del batch_stats  # the trunk ran in evaluation mode with the base statistics
@@ -259,13 +328,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   else:
     batch_spec = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=batch_sh)}
     statics = (model, method, optimizer_spec, config.label_smoothing, config.bn_mode, config.grad_accum)
-    make_step = functools.partial(make_train_step, model, method, optimizer,
+    make_step = functools.partial(make_train_step, model, method, optimizers[0],
                                   loss_fn=classification_loss(config.label_smoothing),
                                   update_batch_stats=config.bn_mode == "train", grad_accum=config.grad_accum,
                                   jit=False)
-    loader = data.train_loader(train_split, image_size=size, mean=spec.mean, std=spec.std,
-                               batch_size=config.batch_size, seed=config.seed, worker_count=config.workers)
-    step_params, batches = params, GrainBatches(loader, mesh, weights)
+    step_params = params
+    sources = [GrainBatches(data.train_loader(split, image_size=size, mean=spec.mean, std=spec.std,
+                                              batch_size=config.batch_size, seed=c.seed, worker_count=config.workers),
+                            None if together else mesh, weights)
+               for split, c, weights in zip(train_splits, configs, class_weights_)]
     predict = functools.partial(make_predict(model, method), derived=derived)
 
     def evaluate_on(trainable, batch_stats, name):
@@ -274,60 +345,90 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   batch_spec.update({"label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=batch_sh),
                      "weight": jax.ShapeDtypeStruct((config.batch_size,), jnp.float32, sharding=batch_sh)})
   step_params_sh = jax.tree.map(lambda x: x.sharding, step_params)
+  scalar_sh = sharding.NamedSharding(mesh, sharding.P())
+  if together:  # a leading run axis on the state, the batches and the metrics (train/runs.py)
+    state = runs.stack(states)
+    state_sh, batch_sh = _stacked(state_sh), _stacked(batch_sh)
+    state = jax.device_put(state, state_sh)
+    batch_spec = {k: jax.ShapeDtypeStruct((len(configs), *v.shape), v.dtype, sharding=batch_sh)
+                  for k, v in batch_spec.items()}
+    statics, plain = (*statics, "runs", len(configs)), make_step
+    make_step = lambda: jax.vmap(plain(), in_axes=(0, None, 0, None))  # noqa: E731
+    scalar_sh = sharding.NamedSharding(mesh, sharding.P(None))
+    batches = runs.StackedBatches(
+        sources, place=lambda stacked: {k: jax.make_array_from_process_local_data(batch_sh, v)
+                                        for k, v in stacked.items()})
+  else:
+    state, batches = states[0], sources[0]
   train_step, compile_s = PROGRAMS.compile_once(
       statics, make_step, (state, step_params, batch_spec, derived),
       in_shardings=(state_sh, step_params_sh, batch_sh, derived_sh),
-      out_shardings=(state_sh, sharding.NamedSharding(mesh, sharding.P())), donate_argnums=0,
-      name=f"{config.model} + {config.method} train step")
+      out_shardings=(state_sh, scalar_sh), donate_argnums=0,
+      name=f"{config.model} + {config.method} train step" + (f" ({len(configs)} runs together)" if together else ""))
 
-  count = method.count(params, state.trainable)
-  logs.log_info("%s + %s (init %s) on %s (regime %s: %d training images, %d steps of %d, lr %g): %s\n%s",
+  count = method.count(params, states[0].trainable)
+  logs.log_info("%s + %s (init %s) on %s (regime %s: %d training images, %d steps of %d, lr %s): %s\n%s",
                 config.model, config.method, config.init, config.dataset, config.regime, len(train_split),
-                total_steps, config.batch_size, lr, count, logs.parameter_overview(params, state.trainable))
+                total_steps, config.batch_size, ", ".join(f"{lr:g}" for lr in lrs), count,
+                logs.parameter_overview(params, states[0].trainable))
 
-  def save_best(state, step):
-    # Every process takes part in gathering leaves sharded over other processes; process 0 writes.
-    trainable, batch_stats = multihost_utils.process_allgather((state.trainable, state.batch_stats), tiled=True)
-    if jax.process_index() == 0:
-      peft.save_adapter(workdir / "best_adapter", method, trainable, batch_stats, base_model=config.model,
-                        step=step, config=config.to_dict(), class_names=list(train_split.class_names),
-                        preprocessing=preprocessing)
-    multihost_utils.sync_global_devices("best adapter saved")
+  def save_best(workdir, run_config, run_split):
+    def save(state, step):
+      # Every process takes part in gathering leaves sharded over other processes; process 0 writes.
+      trainable, batch_stats = multihost_utils.process_allgather((state.trainable, state.batch_stats), tiled=True)
+      if jax.process_index() == 0:
+        peft.save_adapter(workdir / "best_adapter", method, trainable, batch_stats, base_model=config.model,
+                          step=step, config=run_config.to_dict(), class_names=list(run_split.class_names),
+                          preprocessing=preprocessing)
+      multihost_utils.sync_global_devices("best adapter saved")
+    return save
 
-  validation = Validation(config.eval_every or steps_per_epoch,
-                          lambda trainable, stats: evaluate_on(trainable, stats, "validation"), save_best,
-                          config.get("patience", 0))
-  identity = {**{k: v for k, v in config.to_dict().items() if k not in _BOOKKEEPING},
-              "weights_file": weights_fingerprint(config.weights) if config.init == "pretrained" else None,
-              "build": builder.builder_config.name,
-              "class_names": list(train_split.class_names),
-              "dataset_size": len(train_split), "total_steps": total_steps, "lr": lr}
+  validations = [Validation(config.eval_every or steps_per_epoch,
+                            lambda trainable, stats: evaluate_on(trainable, stats, "validation"),
+                            save_best(workdir, c, split), config.get("patience", 0))
+                 for workdir, c, split in zip(workdirs, configs, train_splits)]
+  identities = [{**{k: v for k, v in c.to_dict().items() if k not in _BOOKKEEPING},
+                 "weights_file": weights_fingerprint(c.weights) if c.init == "pretrained" else None,
+                 "build": builder.builder_config.name, "class_names": list(split.class_names),
+                 "dataset_size": len(split), "total_steps": total_steps, "lr": lr}
+                for c, split, lr in zip(configs, train_splits, lrs)]
   clip = (f"; gradients are clipped to global norm {config.grad_clip:g}" if config.grad_clip
           else " or enable gradient clipping (config.grad_clip)")
+  schedule = [lambda at, lr=lr: float(optim.learning_rate(at - 1, lr, warmup, total_steps, "cosine")) for lr in lrs]
+  names = tuple(f"seed {c.seed}, lr {lr:g}" for c, lr in zip(configs, lrs)) if together else ()
   task = loop.Task(
-      name=f"{name} {config.dataset}", state=state, step=train_step, params=step_params, derived=derived,
-      batches=batches, evaluators=[validation], total_steps=total_steps,
-      identity=identity, learning_rate=lambda at: float(optim.learning_rate(at - 1, lr, warmup, total_steps, "cosine")),
-      hint=clip)
+      name=f"{name} {config.dataset}" + (f" x{len(configs)}" if together else ""), state=state, step=train_step,
+      params=step_params, derived=derived, batches=batches,
+      evaluators=[runs.PerRunEvaluators(validations) if together else validations[0]], total_steps=total_steps,
+      identity={"runs": identities} if together else identities[0],
+      learning_rate=(lambda at: [f(at) for f in schedule]) if together else schedule[0], hint=clip, runs=names)
   start, stop = config.profile_steps
-  result = loop.run(task, workdir, loop.LoopSettings(config.log_every, config.checkpoint_every,
-                                                     config.keep_checkpoints, config.progress,
-                                                     (start, stop) if stop > start else None), logger)
+  result = loop.run(task, loop_dir, loop.LoopSettings(config.log_every, config.checkpoint_every,
+                                                      config.keep_checkpoints, config.progress,
+                                                      (start, stop) if stop > start else None),
+                    loggers if together else loggers[0])
 
-  adapter = peft.load_adapter(workdir / "best_adapter")
-  test = evaluate_on(adapter.trainable, adapter.batch_stats or {}, "test")
-  logger.write(total_steps, "test", test, replace=True)
-  results = {
-      "model": config.model, "method": name, "dataset": config.dataset,
-      "dataset_size": len(train_split), "regime": config.regime, "seed": config.seed, "lr": lr,
-      "best_step": validation.best["step"], "last_step": result.last_step,
-      "validation": validation.best["validation"], "test": test,
-      "trainable_params": count.trainable, "total_params": count.total,
-      "step_time_s": result.step_time_s, "xla_memory_estimate_bytes": xla_memory_estimate(train_step),
-      "compile_time_s": compile_s,
-      "adapter_bytes": (workdir / "best_adapter" / peft.adapters.WEIGHTS).stat().st_size,
-  }
-  if jax.process_index() == 0:
-    logs.write_json(workdir / "results.json", results)
-  logger.close()
-  return results
+  out = []
+  for c, workdir, logger, split, validation, lr in zip(configs, workdirs, loggers, train_splits, validations, lrs):
+    adapter = peft.load_adapter(workdir / "best_adapter")
+    test = evaluate_on(adapter.trainable, adapter.batch_stats or {}, "test")
+    logger.write(total_steps, "test", test, replace=True)
+    results = {
+        "model": c.model, "method": name, "dataset": c.dataset,
+        "dataset_size": len(split), "regime": c.regime, "seed": c.seed, "lr": lr,
+        "best_step": validation.best["step"],
+        "last_step": validation.best.get("stopped_at") or result.last_step,
+        "validation": validation.best["validation"], "test": test,
+        "trainable_params": count.trainable, "total_params": count.total,
+        # Together: the group's pace shared out per run (K runs per step).
+        "step_time_s": result.step_time_s / len(configs) if result.step_time_s else result.step_time_s,
+        "xla_memory_estimate_bytes": xla_memory_estimate(train_step),
+        "compile_time_s": compile_s,
+        "adapter_bytes": (workdir / "best_adapter" / peft.adapters.WEIGHTS).stat().st_size,
+        **({"trained_together": len(configs)} if together else {}),
+    }
+    if jax.process_index() == 0:
+      logs.write_json(workdir / "results.json", results)
+    logger.close()
+    out.append(results)
+  return out
