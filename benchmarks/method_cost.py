@@ -1,11 +1,12 @@
 """Per-method cost of one jitted train step, relative to full fine-tuning, in one run.
 
-python -m benchmarks.method_cost                        # ViT-B/16 and ResNet-50, batch 8, 224 px
-python -m benchmarks.method_cost --models=resnet50 --steps=3
+python -m benchmarks.method_cost                        # ViT-B/16, DINOv2-B/14, ResNet-50; batch 8, 224 px
+python -m benchmarks.method_cost --models=dinov2_b14 --batch=4 --steps=3
 
 Random full-size weights (no checkpoint needed; the cost does not depend on the values). Time is the
 median wall time of `--steps` calls after one warm-up call; memory is XLA's
 `compiled.memory_analysis()` (arguments + outputs + temporaries - aliased), which works on CPU.
+The target for a ViT (ViT-B/16, DINOv2-B/14): every PEFT method's step at most `TARGET` x full fine-tuning's.
 """
 
 import jax
@@ -14,7 +15,7 @@ from absl import app, flags
 from benchmarks.common import measure
 from medpeft_jax import models
 
-_MODELS = flags.DEFINE_list("models", ["vit_b16", "resnet50"], "Models to measure.")
+_MODELS = flags.DEFINE_list("models", ["vit_b16", "dinov2_b14", "resnet50"], "Models to measure.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch size.")
 _SIZE = flags.DEFINE_integer("size", 224, "Image size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per method.")
@@ -25,7 +26,9 @@ METHODS = {
     "vit": ["full", "linear", "bias", "norm", "attention", "lora", "dora", "ssf", "adaptformer", "vpt"],
     "resnet": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora", "dora"],
     "mobilenet_v2": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora"],
+    "convnext": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora", "dora", "adaptformer"],
 }
+TARGET = 0.75  # a PEFT step's time / full fine-tuning's, at most (the ViT target)
 
 
 def main(argv):
@@ -48,7 +51,8 @@ def main(argv):
     for name, r in rows.items():
       print(f"| {name} | {r['trainable']:,} | {r['step_s']:.3f} | {r['step_s'] / full['step_s']:.2f} | "
             f"{r['memory'] / 2**20:.0f} | {r['memory'] / full['memory']:.2f} |")
-    print()
+    slow = [name for name, r in rows.items() if name != "full" and r["step_s"] > TARGET * full["step_s"]]
+    print(f"\nSteps over {TARGET}x full fine-tuning's: {', '.join(slow) or 'none'}\n")
 
 
 if __name__ == "__main__":
