@@ -85,6 +85,7 @@ CASES = {  # id: (method, hyperparameters); every one adapts dense and conv laye
     "lokr": ("lokr", dict(targets=LAYERS, rank=2, alpha=3.0)),  # W2 whole on the convs, factored on fc1/fc2
     "lokr-both": ("lokr", dict(targets=LAYERS, rank=2, alpha=3.0, decompose_both=True)),  # W1 factored on fc1
     "pissa": ("lora", dict(targets=LAYERS, rank=2, alpha=4.0, init_weights="pissa")),
+    "rslora": ("lora", dict(targets=LAYERS, rank=4, alpha=4.0, rslora=True)),  # scale alpha / sqrt(r) = 2
     "oft": ("oft", dict(targets=LAYERS, block_size=4)),  # 1 block of 3 on conv1, 16 of 4 on fc2
     "oft-cayley": ("oft", dict(targets=LAYERS, block_size=4, cayley_neumann_terms=0)),
 }
@@ -198,6 +199,8 @@ HF = {  # id: (HF config, which of our cases it is)
                                              target_modules=_CONVS + _DENSE), "lokr-both"),
     "pissa": (lambda: hf_peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights="pissa", target_modules=_DENSE),
               "pissa"),
+    "rslora": (lambda: hf_peft.LoraConfig(r=4, lora_alpha=4, use_rslora=True, target_modules=_CONVS + _DENSE),
+               "rslora"),
     "oft": (lambda: hf_peft.OFTConfig(oft_block_size=4, target_modules=["conv2"] + _DENSE), "oft"),
     "oft-cayley": (lambda: hf_peft.OFTConfig(oft_block_size=4, use_cayley_neumann=False,
                                              target_modules=["conv2"] + _DENSE), "oft-cayley"),
