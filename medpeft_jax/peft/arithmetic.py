@@ -29,7 +29,7 @@ recompresses the direction's factors, m stays exact; where the weights outvote t
 The factor-wise kinds and TIES/DARE have no rule for magnitudes and are refused. `compose` instead does what
 peft does with several DoRA adapters active on one module (#3608): each rescales the weight the ones before it
 built, W_k = (W_{k-1} + s_k A_k B_k)·r_k — order-dependent, and also one exact DoRA adapter. PiSSA-initialised
-sources (update s(AB - A0B0)) take the update-wise kinds. DoRA and PiSSA sources need the base `params`.
+sources (update s(AB - A0B0)) take the update-wise kinds. DoRA and PiSSA/OLoRA sources need the base `params`.
 
 DARE is random: masks come from `rng` (a seed or numpy Generator), or are given per tensor as
 `masks[(module, leaf, i)]` (leaf "a"/"b" for dare_linear/dare_ties, "delta" for their _svd kinds; in our
@@ -124,9 +124,9 @@ def _column_norm(w) -> np.ndarray:
 def _updates(method: LoRA, module: str, adapter, flat: Flat) -> tuple[np.ndarray, np.ndarray]:
   """(P, Q) with P·Q = the source's whole update of the module's kernel, its scale folded into P."""
   scale = np.float32(method.scale)
-  if method.init_weights != "pissa":
+  if method.init_weights == "default":
     return scale * _np(adapter["a"]), _np(adapter["b"])
-  a0, b0 = _np(flat[f"{module}/pissa_a0"]), _np(flat[f"{module}/pissa_b0"])
+  a0, b0 = _np(flat[f"{module}/init_a0"]), _np(flat[f"{module}/init_b0"])
   return scale * np.concatenate([_np(adapter["a"]), -a0], -1), np.concatenate([_np(adapter["b"]), b0], 0)
 
 
@@ -202,7 +202,7 @@ def combine(sources: Sequence[tuple[Method, Params]], weights: Sequence[float], 
   if majority_sign_method not in ("total", "frequency"):
     raise ValueError(f"majority_sign_method {majority_sign_method!r}: expected 'total' or 'frequency'.")
   dora = any(isinstance(m, DoRA) for m in methods)
-  pissa = any(m.init_weights == "pissa" for m in methods)
+  pissa = any(m.init_weights != "default" for m in methods)  # PiSSA or OLoRA: updates s(AB - A0B0)
   if len(sources) == 1 and not _sequential:  # peft: one adapter combines linearly (`cat`: the same, for DoRA)
     combination = "cat" if dora or pissa else "linear"
   if dora and combination not in _DORA_KINDS:
@@ -220,7 +220,7 @@ def combine(sources: Sequence[tuple[Method, Params]], weights: Sequence[float], 
     raise ValueError("Combining DoRA or PiSSA adapters needs the base parameters: pass params=.")
   flat = flatten(params) if params is not None else {}
   if pissa:
-    for m in {m for m in methods if m.init_weights == "pissa"}:
+    for m in {m for m in methods if m.init_weights != "default"}:
       flat.update(m.derived_state(params))
   rng = None if rng is None else np.random.default_rng(rng)
   rule = _Rule(kind, density, majority_sign_method, rng, masks or {})

@@ -11,7 +11,9 @@ PiSSA (Meng et al. 2024; `init_weights="pissa"`, HF `init_lora_weights="pissa"`)
 singular triplets / s (the kernel reshaped to (kh·kw·in, out)), and A, B start there. HF moves them out
 of the base (W_res = W - s·A0·B0); our base is frozen and shared, so A0, B0 are the method's derived
 state and the adapter runs y = x·W + s·(x·A·B - x·A0·B0): the same function, exactly the base at
-init, and `merge` folds W + s·(A·B - A0·B0).
+init, and `merge` folds W + s·(A·B - A0·B0). OLoRA (Büyükakyüz 2024; `init_weights="olora"`, HF
+`init_lora_weights="olora"`) is the same with HF's A0, B0: the first r rows of R and columns of Q in
+the QR decomposition of the (out, kh·kw·in) weight, unscaled.
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ class LoRA(Method):
   rank: int = 8
   alpha: float | None = None  # None: alpha = rank (scale 1)
   rslora: bool = False
-  init_weights: str = "default"  # or "pissa" (a field named `init` would hide Method.init)
-  INITS: ClassVar[tuple[str, ...]] = ("default", "pissa")
+  init_weights: str = "default"  # or "pissa", "olora" (a field named `init` would hide Method.init)
+  INITS: ClassVar[tuple[str, ...]] = ("default", "pissa", "olora")
 
   def __post_init__(self):
     if self.init_weights not in self.INITS:
@@ -83,27 +85,33 @@ class LoRA(Method):
   def adapter_modules(self, flat: Flat) -> list[str]:
     return select(module_paths(flat), self.targets, f"{self.name} targets")
 
-  def _principal(self, w):
-    """PiSSA's A0 (.., in, r), B0 (r, out): s·A0·B0 = the rank-r truncated SVD of W."""
-    u, sv, vt = jnp.linalg.svd(w.reshape(-1, w.shape[-1]).astype(jnp.float32), full_matrices=False)
-    if self.rank > sv.shape[0]:
-      raise ValueError(f"PiSSA rank {self.rank} exceeds the rank bound {sv.shape[0]} of a kernel {w.shape}.")
+  def _initial_factors(self, w):
+    """A0 (.., in, r), B0 (r, out) the adapter starts from: PiSSA's s·A0·B0 = the rank-r truncated SVD of W;
+    OLoRA's A0·B0 = (Q_r R_r)ᵀ from the QR of Wᵀ (HF's `olora_init`)."""
+    mat = w.reshape(-1, w.shape[-1]).astype(jnp.float32)
+    if self.rank > min(mat.shape):
+      raise ValueError(f"{self.init_weights} rank {self.rank} exceeds the rank bound {min(mat.shape)} of a kernel "
+                       f"{w.shape}.")
+    if self.init_weights == "olora":
+      q, r = jnp.linalg.qr(mat.T)
+      return r[:self.rank].T.reshape(*w.shape[:-1], self.rank), q[:, :self.rank].T
+    u, sv, vt = jnp.linalg.svd(mat, full_matrices=False)
     root = jnp.sqrt(sv[:self.rank] / self.scale)
     return (u[:, :self.rank] * root).reshape(*w.shape[:-1], self.rank), root[:, None] * vt[:self.rank]
 
   def derived_state(self, params: Params) -> Flat:
-    if self.init_weights != "pissa":
+    if self.init_weights == "default":
       return {}
     flat = flatten(params)
     out = {}
     for m in self.adapter_modules(flat):
-      out[f"{m}/pissa_a0"], out[f"{m}/pissa_b0"] = self._principal(_kernel(flat, m))
+      out[f"{m}/init_a0"], out[f"{m}/init_b0"] = self._initial_factors(_kernel(flat, m))
     return out
 
   def init_adapter(self, rng, module: str, flat: Flat):
     w = _kernel(flat, module)
-    if self.init_weights == "pissa":
-      return dict(zip("ab", self._principal(w)))
+    if self.init_weights != "default":
+      return dict(zip("ab", self._initial_factors(w)))
     shape_in, out = w.shape[:-1], w.shape[-1]
     bound = 1 / math.sqrt(math.prod(shape_in))  # kaiming_uniform(a=sqrt(5)), as PEFT and nn.Linear
     a = jax.random.uniform(rng, (*shape_in, self.rank), jnp.float32, -bound, bound)
@@ -112,16 +120,16 @@ class LoRA(Method):
   def call_adapter(self, adapter, call: AdapterCall):
     y = call.original()
     update = _down(call.module, adapter["a"], call.inputs) @ adapter["b"].astype(y.dtype)
-    if self.init_weights == "pissa":
-      a0, b0 = call.base[f"{call.path}/pissa_a0"], call.base[f"{call.path}/pissa_b0"]
+    if self.init_weights != "default":
+      a0, b0 = call.base[f"{call.path}/init_a0"], call.base[f"{call.path}/init_b0"]
       update = update - _down(call.module, a0, call.inputs) @ b0.astype(y.dtype)
     return y + (self.scale * update).astype(y.dtype)
 
   def fold_adapter(self, flat, path, adapter):
     w = flat[f"{path}/kernel"]
     delta = _delta(adapter["a"], adapter["b"])
-    if self.init_weights == "pissa":
-      delta = delta - _delta(flat[f"{path}/pissa_a0"], flat[f"{path}/pissa_b0"])
+    if self.init_weights != "default":
+      delta = delta - _delta(flat[f"{path}/init_a0"], flat[f"{path}/init_b0"])
     return {**flat, f"{path}/kernel": w + self.scale * delta.astype(w.dtype)}
 
 

@@ -40,7 +40,7 @@ from medpeft_jax.peft.vera import B as VERA_B
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _VERA_KEYS = {VERA_A: "base_model.vera_A", VERA_B: "base_model.vera_B"}
-_LORA_INITS = {True: "default", False: "default", "gaussian": "default", "pissa": "pissa"}  # the rest move W
+_LORA_INITS = {True: "default", False: "default", "gaussian": "default", "pissa": "pissa", "olora": "olora"}
 
 
 def _lora(config: dict) -> dict:
@@ -72,7 +72,7 @@ def _to_lora(m) -> dict:
   if type(m) is not LoRA:
     raise ValueError(f"{m.name} adapters have no Hugging Face LoRA equivalent here.")
   return dict(r=m.rank, lora_alpha=m.rank if m.alpha is None else m.alpha, use_rslora=m.rslora,
-              init_lora_weights="pissa" if m.init_weights == "pissa" else True)
+              init_lora_weights=m.init_weights if m.init_weights != "default" else True)
 
 
 @dataclasses.dataclass(frozen=True)
