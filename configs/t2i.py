@@ -4,7 +4,8 @@ python -m launch.train_t2i --config configs/t2i.py:method=lora,dataset=mimic_cxr
     --config.pipeline=/ckpt/stable-diffusion-v1-5 --config.manual_dir=/data/mimic-cxr-jpg --workdir runs/t2i_lora
 
 Arguments (comma-separated key=value): method (a U-Net strategy of medpeft_jax/presets.py PRESETS["unet"]:
-full, attention, bias, norm, bias_norm_attention, lora, svdiff, difffit), dataset, regime, seed,
+full, attention, bias, norm, bias_norm_attention, lora, svdiff, difffit — exactly as the paper defines
+them; or any other method, e.g. loha, lokr, ia3, oft, by the U-Net's roles), dataset, regime, seed,
 smoke (True: 16 px, batch 2, a few steps — CPU tests on a tiny pipeline). Everything else is a
 field below, e.g. --config.ema_decay=0.9999. The paper's recipe: 224 px, constant LR (1e-5 full,
 1e-4 PEFT), grad-norm clip 1, 15k steps, seed 42. Re-running the command resumes from the last

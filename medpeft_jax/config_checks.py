@@ -102,7 +102,7 @@ def check_classify(config: ml_collections.ConfigDict) -> None:
 def check_t2i(config: ml_collections.ConfigDict) -> None:
   """Validates a text-to-image config (configs/t2i.py) before anything is built."""
   _check_common(config)
-  _one_of(config, "method", sorted(presets.PRESETS[models.get_spec(presets.UNET).family]))
+  _one_of(config, "method", peft.METHODS.names())  # the paper's 8 strategies, or any method by the U-Net's roles
   _within(config, "total_steps", lambda v: v >= 1, "an integer >= 1")
   _within(config, "image_size", lambda v: v >= 8 and v % 8 == 0,
           "a positive multiple of 8 (the VAE downsamples by 8)")

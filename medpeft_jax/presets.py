@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from medpeft_jax import models, peft
-from medpeft_jax.registry import UnknownNameError
 
 _CNN_LORA = dict(rank=8)
 
@@ -51,7 +50,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "difffit": dict(),
     },
 }
-CLOSED_FAMILIES = frozenset({"unet"})  # the paper's strategies only
+EXACT_TABLES = frozenset({"unet"})  # the paper's strategies exactly (their counts are the paper's)
 UNET = "stable_diffusion_unet"  # the registered name of the Stable Diffusion v1.5 U-Net
 
 # Run variants: names a sweep uses for a method run differently. "scratch" = full training from a
@@ -131,14 +130,17 @@ def role_defaults(model_name: str, method_name: str) -> dict[str, str]:
 
 
 def preset(model_name: str, method_name: str) -> dict:
-  """The default hyperparameters of `method_name` on `model_name`: its role defaults, then the paper's."""
+  """The default hyperparameters of `method_name` on `model_name`: its role defaults, then the paper's.
+
+  A family in EXACT_TABLES (the U-Net) takes its table's strategies exactly as the paper defines them;
+  its other methods go by its roles. A model without a classification head trains none."""
   peft.METHODS.get(method_name)  # unknown method names fail here, listing the valid ones
-  family = models.get_spec(model_name).family
-  table = PRESETS.get(family, {})
-  if family in CLOSED_FAMILIES and method_name not in table:
-    raise UnknownNameError(f"{model_name} takes the strategies {', '.join(sorted(table))}; "
-                           f"{method_name!r} is not one of them.")
-  return {**role_defaults(model_name, method_name), **table.get(method_name, {})}
+  spec = models.get_spec(model_name)
+  table = PRESETS.get(spec.family, {})
+  if spec.family in EXACT_TABLES and method_name in table:
+    return dict(table[method_name])
+  out = {**role_defaults(model_name, method_name), **table.get(method_name, {})}
+  return {**out, "head": None} if spec.task != "classification" else out
 
 
 def config_fields(model_name: str, method_name: str) -> dict:

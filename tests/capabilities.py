@@ -65,7 +65,8 @@ def matrix() -> dict[str, dict[str, str]]:
                           test_peft_methods_more.CASES))
   for column in ("dense", "conv k×k", "conv 1×1"):
     mark(new_methods, column)
-  mark(test_unet_peft.FULL_SIZE, "SD U-Net")
+  mark(set(test_unet_peft.FULL_SIZE) | set(_values(test_unet_peft.test_training_path_equals_merged_weights, "name")),
+       "SD U-Net")
   # Merge == training path; methods that cannot fold raise MergeError (tested as such).
   mark(test_peft.UNFOLDABLE, "exact merge", "✘ (adapter only)")
   mark({n for _, n in families}, "exact merge")

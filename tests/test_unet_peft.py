@@ -39,7 +39,9 @@ def tiny():
   return model, jax.jit(model.init)(jax.random.key(0), *inputs)["params"], inputs
 
 
-@pytest.mark.parametrize("name", ["lora", "difffit", "svdiff"])
+# The paper's three foldable strategies, and the LyCORIS / HF PEFT methods by the U-Net's roles (attention
+# projections, feed-forwards and resnet convs: LoHa and LoKr are LyCORIS's own SD methods).
+@pytest.mark.parametrize("name", ["lora", "difffit", "svdiff", "ia3", "loha", "lokr", "oft"])
 def test_training_path_equals_merged_weights(tiny, name):
   model, params, inputs = tiny
   method = presets.build_method(presets.UNET, name)
@@ -82,8 +84,9 @@ def test_selective_strategies_touch_only_their_leaves(tiny):
   assert all("norm" in p.rsplit("/", 2)[-2] for p in chosen["norm"])
   assert chosen["bias_norm_attention"] == chosen["attention"] | chosen["bias"] | chosen["norm"]
   assert chosen["difffit"] == chosen["bias"] | chosen["norm"]
-  with pytest.raises(ValueError, match="stable_diffusion_unet takes the strategies .*'dora' is not one of them"):
-    presets.build_method(presets.UNET, "dora")
+  # Beyond the paper's table, methods go by the U-Net's roles; one whose layers it lacks says so.
+  with pytest.raises(ValueError, match="vpt on stable_diffusion_unet: .* declares none of them"):
+    presets.build_method(presets.UNET, "vpt")
 
 
 def test_lora_exports_to_diffusers_naming(tmp_path):

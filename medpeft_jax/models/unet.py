@@ -27,6 +27,15 @@ import jax.numpy as jnp
 from medpeft_jax.models.layers import Conv
 from medpeft_jax.models.sd_layers import Downsample2D, ResnetBlock2D, Upsample2D, attention, conv3x3
 
+# The layers PEFT defaults refer to (`models.ROLE_NAMES`; the paper's eight strategies keep their exact
+# table in medpeft_jax/presets.py): the transformer blocks' projections and feed-forwards, every norm, and
+# the resnet blocks' main-path convs.
+ROLES = {
+    "query": r".*/attn[12]/to_q", "key": r".*/attn[12]/to_k", "value": r".*/attn[12]/to_v",
+    "attn_out": r".*/attn[12]/to_out_0", "attention": r"(.*/)?attentions_\d+", "mlp_block": r".*/ff",
+    "mlp": r".*/ff/(net_0/proj|net_2)", "norm": r"(.*/)?[^/]*norm[^/]*", "conv": r".*/resnets_\d+/conv[12]",
+}
+
 CROSS_ATTN_DOWN, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTN_UP, UP = "CrossAttnUpBlock2D", "UpBlock2D"
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 
-from medpeft_jax.models import convnext, mobilenet_v2, resnet, vit
+from medpeft_jax.models import convnext, mobilenet_v2, resnet, unet, vit
 from medpeft_jax.models.mobilenet_v2 import MobileNetV2
 from medpeft_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from medpeft_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -198,7 +198,7 @@ def _unet(num_classes: int = 0, config: UNetConfig | None = None, **overrides) -
 # registered so that its method presets, counts and records name it like every other model.
 register_model("stable_diffusion_unet", "unet", _unet, 512, INCEPTION_MEAN, INCEPTION_STD,
           "the `unet/` folder of Hugging Face `stable-diffusion-v1-5/stable-diffusion-v1-5` (diffusers format)",
-               task="t2i")
+               task="t2i", roles=unet.ROLES)
 
 
 def get_spec(name: str) -> ModelSpec:
