@@ -341,7 +341,7 @@ def test_classify_epochs_may_be_zero_with_a_step_budget():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("method", "lora_xl", r"config\.method='lora_xl' is not valid; valid values: attention, .*svdiff"),
+    ("method", "lora_xl", r"config\.method='lora_xl' is not valid; valid values: adalora, .*loha.*svdiff"),
     ("image_size", 20, r"config\.image_size=20 .*multiple of 8"),
     ("grad_clip", 0.0, r"grad_clip=0 clips every gradient to zero"),
     ("ema_decay", 1.0, r"config\.ema_decay=1\.0 .*\[0, 1\)")])
