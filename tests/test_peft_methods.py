@@ -310,7 +310,8 @@ def test_grouped_convolutions_are_refused_with_the_module_named():
 
   model, x = Depthwise(), jnp.ones((1, 4, 4, 3))
   variables = model.init(jax.random.key(0), x)
-  for name, kw in [("vera", {}), ("loha", {}), ("lokr", {}), ("ia3", dict(feedforward="dw")), ("oft", {})]:
+  for name, kw in [("vera", {}), ("loha", {}), ("lokr", {}), ("ia3", dict(feedforward="dw")), ("oft", {}),
+                   ("adalora", {}), ("fact", {}), ("glora", {})]:
     method = peft.get_method(name, targets="dw", head=None, **kw)
     with pytest.raises(ValueError, match="'dw'.*grouped convolution"):
       method.apply(model, variables, method.init(jax.random.key(0), variables["params"]), x)

@@ -10,7 +10,6 @@ import functools
 import json
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,20 +258,6 @@ def test_adalora_needs_its_schedule():
     peft.get_method("adalora").init_step_state({"params": {}, "adapters": {}})
   with pytest.raises(ValueError, match="no budgeting phase"):
     peft.get_method("adalora", tinit=10, tfinal=5, total_step=15)
-
-
-def test_grouped_convolutions_are_refused_with_the_module_named():
-  class Depthwise(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Conv(3, (3, 3), feature_group_count=3, name="dw")(x)
-
-  model, x = Depthwise(), jnp.ones((1, 4, 4, 3))
-  variables = model.init(jax.random.key(0), x)
-  for name in ("adalora", "fact", "glora"):
-    method = peft.get_method(name, targets="dw", head=None)
-    with pytest.raises(ValueError, match="'dw'.*grouped convolution"):
-      method.apply(model, variables, method.init(jax.random.key(0), variables["params"]), x)
 
 
 # --- defaults from model roles, counts at full size --------------------------------------------------------

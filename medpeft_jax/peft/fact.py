@@ -31,8 +31,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import AdapterCall, Flat, Method, Params, flatten, module_paths, register, select
-from medpeft_jax.peft.lora import _down, _kernel
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, Params, flatten, register
+from medpeft_jax.peft.lora import _down, _kernel, kernel_modules
 
 VARIANTS = ("tt", "tk")
 
@@ -55,10 +55,7 @@ class FacT(Method):
     return ("u", "v", "c") if self.variant == "tk" else ("u", "v")
 
   def adapter_modules(self, flat: Flat) -> list[str]:
-    modules = select(module_paths(flat), self.targets, f"{self.name} targets")
-    for m in modules:
-      _kernel(flat, m)
-    return modules
+    return kernel_modules(flat, self.targets, f"{self.name} targets")
 
   def blocks(self, flat: Flat) -> tuple[int, dict[str, tuple[tuple[int, ...], int, int]]]:
     """(d, {module: (taps, a, b)}): each target's kernel as a×b slices of d×d per tap."""

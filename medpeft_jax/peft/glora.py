@@ -27,8 +27,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
-from medpeft_jax.peft.lora import _delta, _down, _kernel
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, register
+from medpeft_jax.peft.lora import _delta, _down, _kernel, kernel_modules
 
 FORMS = {"a": ("lora", "vector", "scalar", "none"), "b": ("lora", "vector", "scalar", "none"),
          "c": ("lora", "vector", "none"), "d": ("vector", "scalar", "none"),
@@ -58,10 +58,7 @@ class GLoRA(Method):
         raise ValueError(f"glora {field}={getattr(self, field)!r}: expected one of {forms}.")
 
   def adapter_modules(self, flat: Flat) -> list[str]:
-    modules = select(module_paths(flat), self.targets, f"{self.name} targets")
-    for m in modules:
-      _kernel(flat, m)
-    return modules
+    return kernel_modules(flat, self.targets, f"{self.name} targets")
 
   def init_adapter(self, rng, module: str, flat: Flat):
     w = _kernel(flat, module)

@@ -23,8 +23,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import AdapterCall, Flat, Method, module_paths, register, select
-from medpeft_jax.peft.lora import _delta, _down, _kernel
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, register
+from medpeft_jax.peft.lora import _delta, _down, _kernel, kernel_modules
 
 
 def kaiming_uniform(rng, shape):
@@ -63,10 +63,7 @@ class _Lycoris(Method):
     return self.alpha / self.rank
 
   def adapter_modules(self, flat: Flat) -> list[str]:
-    modules = select(module_paths(flat), self.targets, f"{self.name} targets")
-    for m in modules:
-      _kernel(flat, m)
-    return modules
+    return kernel_modules(flat, self.targets, f"{self.name} targets")
 
   def call_adapter(self, adapter, call: AdapterCall):
     y = call.original()

@@ -19,8 +19,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from medpeft_jax.peft.core import AdapterCall, Flat, Method, Params, flatten, module_paths, register, select
-from medpeft_jax.peft.lora import _delta, _down, _kernel
+from medpeft_jax.peft.core import AdapterCall, Flat, Method, Params, flatten, register
+from medpeft_jax.peft.lora import _delta, _down, _kernel, kernel_modules
 
 A, B = "vera_A", "vera_B"  # the derived shared projections (no module: replicated when sharded)
 
@@ -40,10 +40,7 @@ class VeRA(Method):
   seed: int = 0  # of the shared projections
 
   def adapter_modules(self, flat: Flat) -> list[str]:
-    modules = select(module_paths(flat), self.targets, f"{self.name} targets")
-    for m in modules:
-      _kernel(flat, m)
-    return modules
+    return kernel_modules(flat, self.targets, f"{self.name} targets")
 
   def derived_state(self, params: Params) -> Flat:
     flat = flatten(params)
