@@ -6,10 +6,11 @@ Our adapter -> HF PEFT folder (`peft.PeftModel.from_pretrained` loads it onto th
 `state_dict()` file `--names_from` is: its module names are the adapter's):
 python -m launch.hf_peft --to_hf --adapter runs/x/best_adapter --names_from vit_state_dict.bin --hf runs/hf_out
 
-Methods both ways: LoRA (plain, rsLoRA, PiSSA), AdaLoRA, IA3, VeRA (our own; an imported VeRA needs torch's
-projections at apply time and stays an HF folder), LoHa, LoKr, OFT. A trained head (or any whole module
-trained in place) travels as HF's `modules_to_save`; a method that trains parts of modules in place (BitFit)
-has no HF adapter form and is refused.
+Methods both ways: LoRA and DoRA (plain, rsLoRA; per-module ranks as rank_pattern/alpha_pattern, e.g. a
+`launch.merge_adapters --combination=cat` adapter), PiSSA, AdaLoRA, IA3, VeRA (our own; an imported VeRA
+needs torch's projections at apply time and stays an HF folder), LoHa, LoKr, OFT. A trained head (or any
+whole module trained in place) travels as HF's `modules_to_save`; a method that trains parts of modules in
+place (BitFit) has no HF adapter form and is refused.
 """
 
 import json

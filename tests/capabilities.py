@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from medpeft_jax import peft
 from tests import (
+  test_hf_peft_interop,
   test_peft,
   test_peft_files,
   test_peft_methods,
@@ -85,6 +86,10 @@ def matrix() -> dict[str, dict[str, str]]:
     hf.add("lora")
   if _present(test_peft_methods_more.test_hugging_face_adalora_converts_both_ways_with_parity):
     hf.add("adalora")
+  hf |= (_cases(test_hf_peft_interop.test_hugging_face_adapters_import_with_parity_and_export_back,
+                test_hf_peft_interop.IMPORTS)
+         & _cases(test_hf_peft_interop.test_our_adapters_export_with_parity_and_round_trip,
+                  test_hf_peft_interop.EXPORTS))
   mark(hf, "HF PEFT")
   if _values(test_peft_multi.test_combinations_match_hf_peft_add_weighted_adapter, "combination"):
     mark({"lora"}, "arithmetic")

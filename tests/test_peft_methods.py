@@ -1,5 +1,5 @@
-"""The methods Hugging Face PEFT also has — (IA)³, VeRA, LoHa, LoKr, OFT, PiSSA-initialised LoRA — on a tiny
-conv + dense stack: identity at init, merge == training path, gradients only on their leaves, files,
+"""The methods Hugging Face PEFT also has — (IA)³, VeRA, LoHa, LoKr, (B)OFT, PiSSA-initialised LoRA — on a
+tiny conv + dense stack: identity at init, merge == training path, gradients only on their leaves, files,
 and parity with HF PEFT on the same weights through `interop.hf_peft`."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import types
 
 import flax.linen as nn
 import jax
@@ -17,6 +18,7 @@ import peft as hf_peft
 import pytest
 import torch
 import torchvision
+from peft.tuners.boft import layer as hf_boft
 
 from medpeft_jax import models, peft, presets
 from medpeft_jax.models.weights.readers import read_checkpoint
@@ -89,6 +91,10 @@ CASES = {  # id: (method, hyperparameters); every one adapts dense and conv laye
     "olora": ("lora", dict(targets=LAYERS, rank=2, alpha=4.0, init_weights="olora")),
     "oft": ("oft", dict(targets=LAYERS, block_size=4)),  # 1 block of 3 on conv1, 16 of 4 on fc2
     "oft-cayley": ("oft", dict(targets=LAYERS, block_size=4, cayley_neumann_terms=0)),
+    # BOFT (conv1's 3 channels take no even blocks): 3 butterfly factors of 2x2 blocks; one factor (OFT with
+    # the exact Cayley and the output scale) of 4 blocks, of 2 features on conv2/fc1, 4 on conv3, 16 on fc2.
+    "boft": ("boft", dict(targets=r"conv[23]|fc\d", block_size=2, n_butterfly_factor=3)),
+    "boft-blocks": ("boft", dict(targets=r"conv[23]|fc\d", block_num=4, n_butterfly_factor=1)),
 }
 
 
@@ -170,7 +176,9 @@ def test_adapter_round_trip_is_bit_identical(case, tmp_path):
     ("vit_b16", "vera", 24 * (256 + 768) + 2307),  # query, value: Λd (r = 256) + Λb
     ("vit_b16", "loha", 24 * 2 * 8 * (768 + 768) + 2307),
     ("vit_b16", "lokr", 24 * (24 * 24 + 2 * 8 * 32) + 2307),  # 768 = 24·32: W1 (24, 24), W2 = (32, 8)·(8, 32)
+    ("vit_b16", "boft", 24 * (2 * 192 * 4 * 4 + 768) + 2307),  # query, value: 2 factors of 192 4x4 blocks; s
     ("resnet50", "ia3", 20_672 + 6147),  # the input channels of layer1-4's main-path convs; head
+    ("resnet50", "boft", 188_032 + 6147),  # layer1-4's main-path convs: 2·16/4 per input, 1 per output channel
 ])
 def test_role_defaults_and_trainable_counts(model_name, name, count):
   method = presets.build_method(model_name, name)
@@ -208,8 +216,20 @@ HF = {  # id: (HF config, which of our cases it is)
     "oft": (lambda: hf_peft.OFTConfig(oft_block_size=4, target_modules=["conv2"] + _DENSE), "oft"),
     "oft-cayley": (lambda: hf_peft.OFTConfig(oft_block_size=4, use_cayley_neumann=False,
                                              target_modules=["conv2"] + _DENSE), "oft-cayley"),
+    "boft": (lambda: hf_peft.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3,
+                                        target_modules=["conv2"] + _DENSE), "boft"),
+    "boft-blocks": (lambda: hf_peft.BOFTConfig(boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=1,
+                                               target_modules=["conv2"] + _DENSE), "boft-blocks"),
 }
-_ADAPTER_LEAVES = ("ia3_l", "vera_lambda", "hada_", "lokr_", "lora_", "oft_R")
+_ADAPTER_LEAVES = ("ia3_l", "vera_lambda", "hada_", "lokr_", "lora_", "oft_R", "boft_")
+
+
+@pytest.fixture(autouse=True)
+def _boft_block_diagonals_in_torch(monkeypatch):
+  """HF's BOFT builds its factors' block diagonals with a CUDA extension; without one (any CPU) it silently
+  drops to one butterfly factor. This is that extension's forward, in torch (not HF's code under test)."""
+  fbd = types.SimpleNamespace(forward=lambda r: [torch.stack([torch.block_diag(*factor) for factor in r])])
+  monkeypatch.setattr(hf_boft, "_FBD_CUDA", fbd)
 
 
 def torch_outputs(module) -> np.ndarray:
@@ -219,10 +239,10 @@ def torch_outputs(module) -> np.ndarray:
 
 
 def adapted(case) -> list[str]:
-  """HF has VeRA, PiSSA and OLoRA on linear layers only, and OFT as ours on 1x1 convs only."""
+  """HF has VeRA, PiSSA and OLoRA on linear layers only, and (B)OFT as ours on 1x1 convs only."""
   if case in ("vera", "pissa", "olora"):
     return _DENSE
-  return ["conv2"] + _DENSE if case.startswith("oft") else _CONVS + _DENSE
+  return ["conv2"] + _DENSE if case.startswith(("oft", "boft")) else _CONVS + _DENSE
 
 
 @pytest.mark.parametrize("case", HF)
@@ -311,7 +331,7 @@ def test_grouped_convolutions_are_refused_with_the_module_named():
   model, x = Depthwise(), jnp.ones((1, 4, 4, 3))
   variables = model.init(jax.random.key(0), x)
   for name, kw in [("vera", {}), ("loha", {}), ("lokr", {}), ("ia3", dict(feedforward="dw")), ("oft", {}),
-                   ("adalora", {}), ("fact", {}), ("glora", {})]:
+                   ("boft", dict(n_butterfly_factor=1)), ("adalora", {}), ("fact", {}), ("glora", {})]:
     method = peft.get_method(name, targets="dw", head=None, **kw)
     with pytest.raises(ValueError, match="'dw'.*grouped convolution"):
       method.apply(model, variables, method.init(jax.random.key(0), variables["params"]), x)
@@ -338,6 +358,28 @@ def test_a_torchvision_resnet_adapter_loads_through_the_checkpoint_names(tmp_pat
   x, x_torch = random_images()
   np.testing.assert_allclose(method.apply(model, variables, trained, x), torch_logits(ref, x_torch),
                              atol=1e-4, rtol=0)
+
+
+def test_boft_blocks_follow_hugging_faces_rules_or_say_which_module_breaks_them(tmp_path):
+  params = tiny()[1]["params"]
+  with pytest.raises(ValueError, match="'conv1' has 3 input features.*Exclude it"):  # no even blocks
+    peft.get_method("boft", targets="conv1", head=None).init(jax.random.key(0), params)
+  method = peft.get_method("boft", targets="fc1", head=None, block_num=3, n_butterfly_factor=1)
+  with pytest.raises(ValueError, match="'fc1' has 8 input features, which block_num=3 cannot split"):
+    method.init(jax.random.key(0), params)
+  # A block size the width does not take is fitted (fc1: 8 features, blocks of 2 for 3), as OFT's; HF's BOFT
+  # refuses it, so such an adapter does not export.
+  method = peft.get_method("boft", targets="fc1", head=None, block_size=3, n_butterfly_factor=1)
+  trained = method.init(jax.random.key(0), params)
+  assert trained["adapters"]["fc1"]["r"].shape == (1, 4, 2, 2)
+  with pytest.raises(ValueError, match="fc1: BOFT fitted its blocks to 2 features.*exclude it"):
+    save_hf_peft(tmp_path, method, trained, params, lambda path: path)
+  # peft without its CUDA extension trains one factor whatever its config says: such a folder is refused.
+  method = dataclasses.replace(method_for("boft"), targets="fc1")
+  save_hf_peft(tmp_path / "hf", method, randomised(method), params, lambda path: path)
+  config = {**json.loads((tmp_path / "hf" / "adapter_config.json").read_text()), "boft_n_butterfly_factor": 2}
+  with pytest.raises(ValueError, match=r"boft_n_butterfly_factor=2 in its config, but its boft_R tensors hold \[3\]"):
+    from_hf_peft(config, read_checkpoint(tmp_path / "hf").tensors, lambda m: m, params)
 
 
 def test_pissa_is_a_lora_initialisation_only():

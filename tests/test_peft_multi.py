@@ -152,19 +152,12 @@ def hf_model(configs: dict, seed=0):
 
 
 def converted(ref, name):
-  """Our (method, trainable) for peft adapter `name` (DoRA's magnitudes added here: interop converts LoRA)."""
+  """Our (method, trainable) for peft adapter `name` (LoRA or DoRA), through `interop.hf_peft`."""
   _, variables, _ = tiny()
-  config = {**ref.peft_config[name].to_dict(), "use_dora": False}
   tensors = {k: v.numpy() for k, v in hf_peft.get_peft_model_state_dict(ref, adapter_name=name).items()}
-  lora = {k: v for k, v in tensors.items() if "magnitude" not in k}
-  method, trained, _ = from_hf_peft(config, lora, lambda m: m.replace(".", "/"), variables["params"])
-  if not ref.peft_config[name].use_dora:
-    return method, trained
-  for key, value in tensors.items():
-    if "magnitude" in key:
-      module = key.removeprefix("base_model.model.").split(".")[0]
-      trained["adapters"][module]["m"] = jnp.asarray(to_ours(value, "vector", ()))
-  return peft.get_method("dora", **dataclasses.asdict(method)), trained
+  method, trained, _ = from_hf_peft(ref.peft_config[name].to_dict(), tensors, lambda m: m.replace(".", "/"),
+                                    variables["params"])
+  return method, trained
 
 
 def hf_kernel(weight: torch.Tensor) -> np.ndarray:

@@ -41,7 +41,7 @@ def tiny():
 
 # The paper's three foldable strategies, and the LyCORIS / HF PEFT methods by the U-Net's roles (attention
 # projections, feed-forwards and resnet convs: LoHa and LoKr are LyCORIS's own SD methods).
-@pytest.mark.parametrize("name", ["lora", "difffit", "svdiff", "ia3", "loha", "lokr", "oft"])
+@pytest.mark.parametrize("name", ["lora", "difffit", "svdiff", "ia3", "loha", "lokr", "oft", "boft"])
 def test_training_path_equals_merged_weights(tiny, name):
   model, params, inputs = tiny
   method = presets.build_method(presets.UNET, name)

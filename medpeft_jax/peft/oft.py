@@ -33,6 +33,41 @@ def fitted_block_size(width: int, block_size: int) -> int:
   return lower if block_size - lower <= higher - block_size else higher
 
 
+def cayley(q, neumann_terms: int = 0):
+  """The rotations (I - Q)(I + Q)⁻¹ of skew-symmetric blocks q (..., b, b), or with `neumann_terms` > 0
+  Hugging Face OFT's series for them, I + 2Q + 2Q² + ... + Q^(terms-1), term for term."""
+  eye = jnp.broadcast_to(jnp.eye(q.shape[-1], dtype=q.dtype), q.shape)
+  if neumann_terms == 0:  # X (I + Q) = I - Q
+    solved = jnp.linalg.solve(jnp.swapaxes(eye + q, -1, -2), jnp.swapaxes(eye - q, -1, -2))
+    return jnp.swapaxes(solved, -1, -2)
+  r = eye
+  if neumann_terms > 1:
+    r = r + 2 * q
+  if neumann_terms > 2:
+    power = q @ q
+    r = r + 2 * power
+    for _ in range(3, neumann_terms - 1):
+      power = power @ q
+      r = r + 2 * power
+    r = r + power @ q
+  return r
+
+
+def rotate_blocks(x, r):
+  """x·diag(R_1, ..., R_n) over x's last axis, for blocks r (n, b, b)."""
+  n, b, _ = r.shape
+  return jnp.einsum("...nk,nkc->...nc", x.reshape(*x.shape[:-1], n, b), r.astype(x.dtype)).reshape(x.shape)
+
+
+def checked_inputs(call: AdapterCall, width: int, method: str):
+  """The call's inputs, which a rotation of `width` features must match (a grouped conv's do not)."""
+  x = call.inputs
+  if x.shape[-1] != width:
+    raise ValueError(f"{method} target {call.path!r} takes {x.shape[-1]} input features but its kernel has "
+                     f"{width} (a grouped convolution); exclude it from the targets regex.")
+  return x
+
+
 @register("oft")
 @dataclasses.dataclass(frozen=True)
 class OFT(Method):
@@ -55,31 +90,12 @@ class OFT(Method):
     b = round((1 + math.sqrt(1 + 8 * skew.shape[-1])) / 2)
     rows, cols = np.triu_indices(b, 1)
     q = jnp.zeros((skew.shape[0], b, b), skew.dtype).at[:, rows, cols].set(skew)
-    q = q - jnp.swapaxes(q, -1, -2)
-    eye = jnp.broadcast_to(jnp.eye(b, dtype=q.dtype), q.shape)
-    if self.cayley_neumann_terms == 0:  # X (I + Q) = I - Q
-      solved = jnp.linalg.solve(jnp.swapaxes(eye + q, -1, -2), jnp.swapaxes(eye - q, -1, -2))
-      return jnp.swapaxes(solved, -1, -2)
-    terms, r = self.cayley_neumann_terms, eye  # HF's series, term for term
-    if terms > 1:
-      r = r + 2 * q
-    if terms > 2:
-      power = q @ q
-      r = r + 2 * power
-      for _ in range(3, terms - 1):
-        power = power @ q
-        r = r + 2 * power
-      r = r + power @ q
-    return r
+    return cayley(q - jnp.swapaxes(q, -1, -2), self.cayley_neumann_terms)
 
   def call_adapter(self, adapter, call: AdapterCall):
-    r, x = self.rotation(adapter["skew"]), call.inputs
-    n, b, _ = r.shape
-    if x.shape[-1] != n * b:
-      raise ValueError(f"OFT target {call.path!r} takes {x.shape[-1]} input features but its kernel has "
-                       f"{n * b} (a grouped convolution); exclude it from the targets regex.")
-    rotated = jnp.einsum("...nk,nkc->...nc", x.reshape(*x.shape[:-1], n, b), r.astype(x.dtype))
-    return call.next_fun(rotated.reshape(x.shape), *call.args[1:], **call.kwargs)
+    r = self.rotation(adapter["skew"])
+    rotated = rotate_blocks(checked_inputs(call, r.shape[0] * r.shape[1], "OFT"), r)
+    return call.next_fun(rotated, *call.args[1:], **call.kwargs)
 
   def fold_adapter(self, flat, path, adapter):
     w, r = flat[f"{path}/kernel"], self.rotation(adapter["skew"])

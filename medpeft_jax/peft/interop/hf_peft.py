@@ -1,5 +1,6 @@
 """Converts adapters between Hugging Face PEFT folders (adapter_config.json + adapter_model.safetensors/.bin)
-and ours, both ways: LoRA (plain, rsLoRA, PiSSA-initialised), AdaLoRA, (IA)³, VeRA, LoHa, LoKr and OFT.
+and ours, both ways: LoRA (plain, rsLoRA, PiSSA-initialised), DoRA, AdaLoRA, (IA)³, VeRA, LoHa, LoKr,
+OFT and BOFT.
 
 One table, `FORMATS`, says per `peft_type` which of our methods it is, how the configs' fields map, and
 each tensor's kind; a tensor converts by its kind alone (HF stores factors output-first, we store them
@@ -9,16 +10,28 @@ input-first with a conv's taps leading, like our kernels; `taps` = a conv's (kh,
   matrix    (rows, cols)          <-> (cols, rows)          hada_w1_a, lokr_w1, AdaLoRA's lora_B
   pointwise (rows, cols[, 1, 1])  <-> (cols, rows)          LoRA's lora_B (a 1x1 conv for a conv)
   vector    (n,) / IA3's (out, 1), (1, in), (1, n, 1, 1)  <-> (n,)
+  magnitude (n,) / a conv's (1, n, 1, 1)                <-> (n,)     DoRA's lora_magnitude_vector
   column    (n, 1)                <-> (n,)                  AdaLoRA's lora_E
-  same    unchanged                                            OFT's skew-symmetric blocks
+  outputs   (out, 1) / a conv's (1, out)  <-> (out,)          BOFT's boft_s
+  same    unchanged                                            OFT's skew-symmetric blocks, BOFT's blocks
 The taps come from our base kernels (`params`), needed where HF flattens them (LoHa, LoKr). Module
 names map through the base checkpoints' layouts (`keymaps`) on import, or through any function.
+
+Per-module LoRA/DoRA ranks: ours are the factors' shapes under one scale (the method's); HF's are `r` plus
+`rank_pattern`, each module scaled by its own alpha (`lora_alpha` / `alpha_pattern`) over r (sqrt(r) with
+rsLoRA). Export writes r = the most common rank and, for the other modules, their exact names in
+rank_pattern with the alpha giving them our scale. Import matches pattern keys as peft's `get_pattern_key`
+(a regex over the module name or a dotted suffix of it) and keeps the config's r/lora_alpha as the method's
+scale; a module whose HF scale differs has the ratio folded into its B, so it computes what HF's does (to
+float32 rounding; training on from there sees that B rescaled, as if its learning rate changed).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -33,7 +46,7 @@ from medpeft_jax.models.weights.readers import read_checkpoint
 from medpeft_jax.models.zoo import get_spec
 from medpeft_jax.peft.adalora import AdaLoRA
 from medpeft_jax.peft.core import Flat, Method, flatten, get_method
-from medpeft_jax.peft.lora import LoRA
+from medpeft_jax.peft.lora import DoRA, LoRA
 from medpeft_jax.peft.vera import A as VERA_A
 from medpeft_jax.peft.vera import B as VERA_B
 
@@ -44,12 +57,14 @@ _LORA_INITS = {True: "default", False: "default", "gaussian": "default", "pissa"
 
 
 def _lora(config: dict) -> dict:
-  if config.get("use_dora"):
-    raise ValueError("DoRA adapters (use_dora=true) are not converted; only plain, rsLoRA and PiSSA LoRA.")
   init = config.get("init_lora_weights", True)
   if init not in _LORA_INITS:
     raise ValueError(f"LoRA init_lora_weights={init!r} changes the base weights in a way not reproduced "
                      f"here; convertible: {sorted(map(str, _LORA_INITS))}.")
+  if _LORA_INITS[init] != "default" and any(map(config.get, ("use_dora", "rank_pattern", "alpha_pattern"))):
+    raise ValueError(f"LoRA init_lora_weights={init!r} converts without use_dora, rank_pattern and "
+                     "alpha_pattern (its initial factors here have one rank and scale); train those with "
+                     "init_lora_weights=true.")
   return dict(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
               rslora=bool(config.get("use_rslora", False)), init_weights=_LORA_INITS[init])
 
@@ -68,11 +83,60 @@ def _oft(config: dict) -> dict:
   return dict(block_size=int(config["oft_block_size"]), cayley_neumann_terms=terms)
 
 
+def _boft(config: dict) -> dict:
+  """HF's BOFT sets one of boft_block_size and boft_block_num (the other 0); ours uses block_num when set."""
+  blocks = int(config.get("boft_block_num", 0))
+  size = dict(block_num=blocks) if blocks else dict(block_size=int(config["boft_block_size"]))
+  return dict(size, n_butterfly_factor=int(config.get("boft_n_butterfly_factor", 1)))
+
+
 def _to_lora(m) -> dict:
-  if type(m) is not LoRA:
+  if type(m) not in (LoRA, DoRA):
     raise ValueError(f"{m.name} adapters have no Hugging Face LoRA equivalent here.")
-  return dict(r=m.rank, lora_alpha=m.rank if m.alpha is None else m.alpha, use_rslora=m.rslora,
+  return dict(r=m.rank, lora_alpha=_lora_alpha(m, m.rank), use_rslora=m.rslora, use_dora=type(m) is DoRA,
               init_lora_weights=m.init_weights if m.init_weights != "default" else True)
+
+
+def _lora_alpha(m: LoRA, rank: int) -> float:
+  """HF's lora_alpha giving a module of `rank` our scale as alpha / r (alpha / sqrt(r) with rsLoRA)."""
+  if rank == m.rank:
+    return m.rank if m.alpha is None else m.alpha
+  return m.scale * (math.sqrt(rank) if m.rslora else rank)
+
+
+def _rank_patterns(m: LoRA, ranks: dict[str, int]) -> dict:
+  """HF's r (the most common rank) and lora_alpha, and rank_pattern/alpha_pattern for the other modules of
+  `ranks` (HF module name -> rank), keyed by their anchored names: peft's `get_pattern_key` matches a key as a
+  regex over a module's name or a dotted suffix of it, so a bare "conv1" would also match "layer1.0.conv1"."""
+  counts = collections.Counter(ranks.values())
+  r = max(counts, key=lambda k: (counts[k], k == m.rank, k))
+  others = {f"^{re.escape(name)}": rank for name, rank in sorted(ranks.items()) if rank != r}
+  patterns = dict(rank_pattern=others, alpha_pattern={k: _lora_alpha(m, k_r) for k, k_r in others.items()})
+  return dict(r=r, lora_alpha=_lora_alpha(m, r), **(patterns if others else {}))
+
+
+def _pattern(patterns: dict | None, module: str, default):
+  """The value of HF module `module` in a rank_pattern/alpha_pattern, as peft's `get_pattern_key` finds it."""
+  patterns = patterns or {}
+  key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), module)
+  return patterns.get(key, default)
+
+
+def _lora_scales(config: dict, method: LoRA, adapters: dict, names: dict[str, str], source: str) -> dict:
+  """`adapters` (ours) with each module's HF scale (rank from its tensors, alpha from alpha_pattern) made the
+  method's: the ratio is folded into B, only where the two differ in float32."""
+  out = {}
+  for ours, adapter in adapters.items():
+    module, rank = names[ours], adapter["a"].shape[-1]
+    expected = int(_pattern(config.get("rank_pattern"), module, config["r"]))
+    if rank != expected:
+      raise ValueError(f"{source}: {module}'s factors have rank {rank}, but r/rank_pattern give it "
+                       f"{expected}; peft would not load it either: fix rank_pattern.")
+    alpha = float(_pattern(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    scale = alpha / (math.sqrt(rank) if method.rslora else rank)
+    same = np.float32(scale) == np.float32(method.scale)
+    out[ours] = adapter if same else {**adapter, "b": jnp.asarray(adapter["b"] * (scale / method.scale))}
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +146,7 @@ class Format:
   from_config: Callable[[dict], dict]  # adapter_config.json -> our fields (but targets)
   to_config: Callable[[Method], dict]  # our method -> adapter_config.json fields (but targets)
   needs_params: bool = False  # HF flattens conv taps into its tensors: import needs our kernels' shapes
+  variant: tuple[str, str] | None = None  # (config flag, our method it selects): LoRA's use_dora -> DoRA
 
 
 _ADALORA_FIELDS = {"init_r": "init_r", "target_r": "target_r", "alpha": "lora_alpha", "tinit": "tinit",
@@ -119,8 +184,9 @@ def _lycoris(config: dict) -> dict:
 
 
 FORMATS: dict[str, Format] = {
-    "LORA": Format("lora", {"lora_A.weight": ("a", "kernel"), "lora_B.weight": ("b", "pointwise")},
-                   _lora, _to_lora),
+    "LORA": Format("lora", {"lora_A.weight": ("a", "kernel"), "lora_B.weight": ("b", "pointwise"),
+                            "lora_magnitude_vector": ("m", "magnitude")},
+                   _lora, _to_lora, variant=("use_dora", "dora")),
     "ADALORA": Format("adalora",
                       {"lora_A": ("a", "flat"), "lora_E": ("e", "column"), "lora_B": ("b", "matrix")},
                       lambda c: {ours: type(getattr(AdaLoRA, ours))(c[theirs])
@@ -147,15 +213,19 @@ FORMATS: dict[str, Format] = {
                                  use_cayley_neumann=m.cayley_neumann_terms > 0,
                                  num_cayley_neumann_terms=m.cayley_neumann_terms or 5,
                                  peft_version=".".join(map(str, _OFT_SERIES)) + ".0"), needs_params=True),
+    "BOFT": Format("boft", {"boft_R": ("r", "same"), "boft_s": ("s", "outputs")}, _boft,
+                   lambda m: dict(boft_block_size=0 if m.block_num else m.block_size,
+                                  boft_block_num=m.block_num, boft_n_butterfly_factor=m.n_butterfly_factor),
+                   needs_params=True),
 }
-_PATCH_ROTATIONS = "HF's OFT rotates a conv's flattened kh·kw·in patch, ours its channels: 1x1 convs only"
+_PATCH_ROTATIONS = "HF's (B)OFT rotates a conv's flattened kh·kw·in patch, ours its channels: 1x1 convs only"
 
 
 def to_ours(t: np.ndarray, kind: str, taps: tuple[int, ...]) -> np.ndarray:
   t = np.asarray(t, np.float32)
   if kind == "same":
     return t
-  if kind in ("vector", "column"):
+  if kind in ("vector", "column", "magnitude", "outputs"):
     return t.reshape(-1)
   if kind in ("matrix", "pointwise"):
     return t.reshape(t.shape[0], -1).T
@@ -173,6 +243,10 @@ def to_theirs(t: np.ndarray, kind: str, taps: tuple[int, ...], ia3_input: bool |
     return t.reshape(1, -1, 1, 1) if taps else t.reshape((1, -1) if ia3_input else (-1, 1))
   if kind == "column":
     return t.reshape(-1, 1)
+  if kind == "outputs":
+    return t.reshape((1, -1) if taps else (-1, 1))
+  if kind == "magnitude":
+    return t.reshape(1, -1, *(1,) * len(taps)) if taps else t
   if kind == "matrix":
     return t.T
   if kind == "pointwise":
@@ -222,8 +296,9 @@ def from_hf_peft(config: dict, tensors: dict[str, np.ndarray], our_module: Calla
   fmt = _format(kind, source)
   if config.get("lora_bias"):
     raise ValueError(f"{source}: lora_bias=true (a trained bias on LoRA's B) is not supported; train without it.")
-  if config.get("alpha_pattern") or (config.get("rank_pattern") and kind != "ADALORA"):
-    raise ValueError(f"{source}: per-module ranks/alphas (rank_pattern/alpha_pattern) are not supported.")
+  if kind != "LORA" and (config.get("alpha_pattern") or (config.get("rank_pattern") and kind != "ADALORA")):
+    raise ValueError(f"{source}: per-module ranks/alphas (rank_pattern/alpha_pattern) convert for LoRA and "
+                     f"DoRA only, not {kind}; train it with one r and alpha.")
   if kind == "ADALORA":
     tensors = _adalora_full_rank(config, tensors)
   if fmt.needs_params and params is None:
@@ -255,15 +330,15 @@ def from_hf_peft(config: dict, tensors: dict[str, np.ndarray], our_module: Calla
                        "refusing to drop it (it would silently leave that part of the model untrained).")
   if not found:
     raise ValueError(f"{source} holds no {kind} tensors ({', '.join(fmt.leaves)}).")
-  adapters, feedforward = {}, []
+  adapters, feedforward, names = {}, [], {}
   for module, leaves in found.items():
     ours = our_module(module)
     if ours is None:
       raise ValueError(f"{source}: module {module!r} maps to no parameter of our model.")
-    kernel = flat.get(f"{ours}/kernel")
-    four_d = [t.shape[2:] for t in leaves.values() if np.ndim(t) == 4]
+    names[ours], kernel = module, flat.get(f"{ours}/kernel")
+    four_d = [t.shape[2:] for n, t in leaves.items() if np.ndim(t) == 4 and fmt.leaves[n][1] == "kernel"]
     taps = tuple(kernel.shape[:-2]) if kernel is not None else (tuple(four_d[0]) if four_d else ())
-    if kind == "OFT" and set(taps) - {1}:
+    if kind in ("OFT", "BOFT") and set(taps) - {1}:
       raise ValueError(f"{source}: {module} is a {taps} conv; {_PATCH_ROTATIONS}.")
     adapters[ours] = {fmt.leaves[n][0]: jnp.asarray(to_ours(t, fmt.leaves[n][1], taps))
                       for n, t in leaves.items()}
@@ -280,14 +355,27 @@ def from_hf_peft(config: dict, tensors: dict[str, np.ndarray], our_module: Calla
       raise ValueError(f"{source}: VeRA's shared projections were not saved (save_projection=false); torch's "
                        "generator cannot be replayed here. Save the adapter with save_projection=true.")
     derived = {ours: jnp.asarray(to_ours(tensors[key], "matrix", ())) for ours, key in _VERA_KEYS.items()}
-  return get_method(fmt.method, **hyper), {"params": whole, "adapters": adapters}, derived
+  factors = {int(a["r"].shape[0]) for a in adapters.values()} if kind == "BOFT" else set()
+  if factors and factors != {hyper["n_butterfly_factor"]}:
+    raise ValueError(f"{source}: boft_n_butterfly_factor={hyper['n_butterfly_factor']} in its config, but its "
+                     f"boft_R tensors hold {sorted(factors)} factor(s) (peft without its CUDA extension silently "
+                     f"trains one factor); set boft_n_butterfly_factor to {sorted(factors)[0]} in {CONFIG} to "
+                     "import what it computed.")
+  method = get_method(fmt.variant[1] if fmt.variant and config.get(fmt.variant[0]) else fmt.method, **hyper)
+  if kind == "LORA":
+    if any(("m" in a) != isinstance(method, DoRA) for a in adapters.values()):
+      raise ValueError(f"{source}: use_dora={bool(config.get('use_dora'))} disagrees with its tensors "
+                       "(lora_magnitude_vector on some modules only, or with use_dora=false); re-save it "
+                       "with peft.")
+    adapters = _lora_scales(config, method, adapters, names, source)
+  return method, {"params": whole, "adapters": adapters}, derived
 
 
 def to_hf_peft(method: Method, trainable: dict, params, hf_module: Callable[[str], str],
                derived: Flat | None = None) -> tuple[dict, dict[str, np.ndarray]]:
   """`(adapter_config, tensors)` in HF PEFT's layout, for our base `params` (`hf_module`: our module path ->
   HF's name). VeRA saves its projections (`derived`, default: the method's own from its seed)."""
-  kind = next((k for k, f in FORMATS.items() if f.method == method.name), None)
+  kind = next((k for k, f in FORMATS.items() if method.name in (f.method, f.variant and f.variant[1])), None)
   fmt = _format(kind, f"A {method.name} adapter")
   flat, ours_of = flatten(params), {ours: n for n, (ours, _) in fmt.leaves.items()}
   tensors, modules, feedforward, saved = {}, [], [], []
@@ -310,8 +398,11 @@ def to_hf_peft(method: Method, trainable: dict, params, hf_module: Callable[[str
       feedforward += [module] if ia3_input else []
     if kind == "VERA" and taps:
       raise ValueError(f"{path} is a convolution; HF PEFT has VeRA on linear layers only.")
-    if kind == "OFT" and set(taps) - {1}:
+    if kind in ("OFT", "BOFT") and set(taps) - {1}:
       raise ValueError(f"{path} is a {taps} conv; {_PATCH_ROTATIONS}.")
+    if kind == "BOFT" and not method.block_num and adapter["r"].shape[-1] != method.block_size:
+      raise ValueError(f"{path}: BOFT fitted its blocks to {adapter['r'].shape[-1]} features, its width "
+                       f"taking no block_size={method.block_size}; HF's BOFT refuses such a layer: exclude it.")
     modules.append(module)
     for leaf, value in adapter.items():
       t = to_theirs(value, fmt.leaves[ours_of[leaf]][1], taps, ia3_input)
@@ -320,6 +411,9 @@ def to_hf_peft(method: Method, trainable: dict, params, hf_module: Callable[[str
             **({"modules_to_save": saved} if saved else {})}
   if kind == "IA3":
     config["feedforward_modules"] = feedforward
+  if kind == "LORA":  # per-module ranks: the factors' shapes
+    ranks = {hf_module(p): a["a"].shape[-1] for p, a in trainable["adapters"].items()}
+    config.update(_rank_patterns(method, ranks))
   if kind == "VERA":
     derived = method.derived_state(params) if derived is None else derived
     tensors.update({key: to_theirs(derived[ours], "matrix", ()) for ours, key in _VERA_KEYS.items()})
