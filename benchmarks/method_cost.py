@@ -22,9 +22,12 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per method.")
 _METHODS = flags.DEFINE_list("methods", None, "Methods to measure (default: all for the family; "
                              "`full` is always measured as the reference).")
 
+# Beyond the paper's: every method with dense and conv support (PiSSA, OLoRA and rsLoRA are LoRA with
+# another initialisation or scale: LoRA's step).
+BEYOND = ["ia3", "vera", "loha", "lokr", "oft", "boft", "fact", "glora", "adalora"]
 METHODS = {
-    "vit": ["full", "linear", "bias", "norm", "attention", "lora", "dora", "ssf", "adaptformer", "vpt"],
-    "resnet": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora", "dora"],
+    "vit": ["full", "linear", "bias", "norm", "attention", "lora", "dora", "ssf", "adaptformer", "vpt", *BEYOND],
+    "resnet": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora", "dora", *BEYOND],
     "mobilenet_v2": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora"],
     "convnext": ["full", "linear", "bias", "norm", "ssf", "tsa", "lora", "dora", "adaptformer"],
 }

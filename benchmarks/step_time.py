@@ -46,7 +46,7 @@ def run_jax(model_name: str, method: str, batch: int, steps: int) -> dict:
   from benchmarks.common import measure  # noqa: PLC0415  (jax only in the jax subprocesses)
 
   r = measure(model_name, method, batch, 224, steps)
-  return {"step_s": r["step_s"], "xla_memory": r["memory"], "trainable": r["trainable"]}
+  return {"step_s": r["step_s"], "xla_memory": r["memory"], "trainable": r["trainable"], "compile_s": r["compile_s"]}
 
 
 def run_torch(model_name: str, method: str, batch: int, steps: int) -> dict:
@@ -104,15 +104,15 @@ def main(argv):
       r = rows[(case, framework)]
       print(f"  {case} {framework}: {r['step_s']:.3f} s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB",
             flush=True)
-  print("\n| case | trainable | ours (s) | PyTorch (s) | ours / PyTorch | ours / our full | XLA memory (MiB) "
-        "| peak RSS ours / PyTorch (MiB) |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+  print("\n| case | trainable | ours (s) | PyTorch (s) | ours / PyTorch | ours / our full | our compile (s) "
+        "| XLA memory (MiB) | peak RSS ours / PyTorch (MiB) |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for case in _CASES.value:
     ours, ref = rows[(case, "jax")], rows[(case, "torch")]
     full = rows.get((case.split(":")[0] + ":full", "jax"))
     vs_full = f"{ours['step_s'] / full['step_s']:.2f}" if full else "-"
     print(f"| {case} | {ours['trainable']:,} | {ours['step_s']:.3f} | {ref['step_s']:.3f} | "
-          f"{ours['step_s'] / ref['step_s']:.2f} | {vs_full} | {ours['xla_memory'] / 2**20:.0f} | "
+          f"{ours['step_s'] / ref['step_s']:.2f} | {vs_full} | {ours['compile_s']:.1f} | {ours['xla_memory'] / 2**20:.0f} | "
           f"{ours['peak_rss'] / 2**20:.0f} / {ref['peak_rss'] / 2**20:.0f} |")
 
 

@@ -69,8 +69,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   # Devices as data x fsdp (-1: all the rest). Base leaves whose path a `rules` regex fully matches
   # shard over fsdp ("fsdp", when >= min_shard_size elements) or not ("replicate"); adapters and
-  # optimizer state inherit their base leaf's placement (medpeft_jax/train/sharding.py).
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "min_shard_size": 2**18,
+  # optimizer state inherit their base leaf's placement (medpeft_jax/train/sharding.py). Runs trained
+  # together (`runs_together` of a sweep) spread over `runs` rows of data x fsdp devices (1: unsplit).
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "runs": 1, "min_shard_size": 2**18,
                                       "rules": sharding.DEFAULT_RULES})
   c.eval_every = 0  # steps; 0: every epoch
   c.patience = 0  # early stopping: evaluations without a better validation macro-F1 before stopping; 0: off

@@ -1,7 +1,10 @@
 """Runs trained together (a leading run axis, train/runs.py) equal the same runs trained apart."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +17,7 @@ from medpeft_jax.data.pipeline import step_rows
 from medpeft_jax.train import logs, loop, optim, runs, trainer
 from medpeft_jax.train.step import init_train_state, make_train_step
 from tests.test_model_parity import _random_vit_npz
-from tests.test_train import smoke_config
+from tests.test_train import REPO, smoke_config
 
 LRS, SEEDS, TOTAL = (1e-3, 3e-3, 1e-2), (0, 1, 2), 6
 SETTINGS = loop.LoopSettings(log_every=1, checkpoint_every=3, progress=False)
@@ -111,29 +114,67 @@ def test_a_diverging_run_is_named(setup, tmp_path):
              [logs.RunLogger(tmp_path / n) for n in names])
 
 
+def two_runs(easy, weights, **overrides):
+  """Two seeds x learning rates of a pre-trained tiny ViT + LoRA at regime 0.5 (each seed its own subset)."""
+  return [smoke_config(easy, "vit_b16", "lora", init="pretrained", weights=str(weights), regime=0.5, seed=seed, lr=lr,
+                       epochs=2, **overrides) for seed, lr in ((0, 3e-3), (1, 1e-2))]
+
+
+SPREAD_SCRIPT = """
+import json, pathlib, sys
+from absl import logging
+from tests.test_runs import two_runs
+logging.use_absl_handler(); logging.set_verbosity(logging.INFO)  # the trainer's "Mesh ..." line
+from medpeft_jax.train import trainer
+easy, out = json.loads(sys.argv[1]), pathlib.Path(sys.argv[2])
+configs = two_runs(easy, out / "vit.npz")
+for c in configs:
+  c.mesh.runs = 2
+trainer.train_together(configs, [out / f"spread_{i}" for i in range(2)], out / "spread_group")
+"""
+
+
 def test_sweep_runs_trained_together_have_the_records_of_runs_trained_apart(easy, tmp_path):
-  """Two seeds x learning rates of a pre-trained tiny ViT + LoRA, at regime 0.5 (each seed its own subset and
-  data order): `train_together` writes each run the records `train_and_evaluate` writes it alone."""
+  """`train_together` writes each run the records `train_and_evaluate` writes it alone (each seed its own
+  subset and data order) — on one device, and with the two runs spread over a ('runs', 'data') mesh of 4
+  simulated devices (a subprocess, run beside the rest)."""
   np.savez(tmp_path / "vit.npz", **_random_vit_npz(np.random.default_rng(0)))
-  configs = [smoke_config(easy, "vit_b16", "lora", init="pretrained", weights=str(tmp_path / "vit.npz"), regime=0.5,
-                          seed=seed, lr=lr, epochs=2) for seed, lr in ((0, 3e-3), (1, 1e-2))]
+  spread = subprocess.Popen([sys.executable, "-c", SPREAD_SCRIPT, json.dumps({k: str(v) for k, v in easy.items()}),
+                             str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  configs = two_runs(easy, tmp_path / "vit.npz")
   apart = [trainer.train_and_evaluate(c, tmp_path / f"apart_{i}") for i, c in enumerate(configs)]
   together = trainer.train_together(configs, [tmp_path / f"together_{i}" for i in range(2)], tmp_path / "group")
-  for i, (alone, with_other) in enumerate(zip(apart, together)):
-    assert with_other.pop("trained_together") == 2
-    for key in ("dataset_size", "seed", "lr", "best_step", "last_step", "trainable_params"):
-      assert with_other[key] == alone[key], key
-    for key in ("accuracy", "f1_macro", "auc"):
-      assert with_other["test"][key] == pytest.approx(alone["test"][key], abs=1e-4), key
-    records = [[r for r in map(json.loads, (tmp_path / f"{kind}_{i}" / "metrics.jsonl").read_text().splitlines())
-                if r["split"] == "train"] for kind in ("apart", "together")]
-    assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]]
-    np.testing.assert_allclose([r["loss"] for r in records[1]], [r["loss"] for r in records[0]], rtol=1e-4)
-    adapters = [peft.load_adapter(tmp_path / f"{kind}_{i}" / "best_adapter") for kind in ("apart", "together")]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), adapters[1].trainable,
-                 adapters[0].trainable)
+  log = spread.communicate(timeout=600)[0]
+  assert spread.returncode == 0, log[-3000:]
+  assert "Mesh {'runs': 2, 'data': 2, 'fsdp': 1}" in log, log[-3000:]
+  spread = [json.loads((tmp_path / f"spread_{i}" / "results.json").read_text()) for i in range(2)]
+  for kind, results in (("together", together), ("spread", spread)):
+    for i, (alone, with_other) in enumerate(zip(apart, results)):
+      assert with_other.pop("trained_together") == 2
+      for key in ("dataset_size", "seed", "lr", "best_step", "last_step", "trainable_params"):
+        assert with_other[key] == alone[key], (kind, key)
+      for key in ("accuracy", "f1_macro", "auc"):
+        assert with_other["test"][key] == pytest.approx(alone["test"][key], abs=1e-4), (kind, key)
+      records = [[r for r in map(json.loads, (tmp_path / f"{k}_{i}" / "metrics.jsonl").read_text().splitlines())
+                  if r["split"] == "train"] for k in ("apart", kind)]
+      assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]]
+      np.testing.assert_allclose([r["loss"] for r in records[1]], [r["loss"] for r in records[0]], rtol=1e-4)
+      adapters = [peft.load_adapter(tmp_path / f"{k}_{i}" / "best_adapter") for k in ("apart", kind)]
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), adapters[1].trainable,
+                   adapters[0].trainable)
   # The two runs really differ (seed, subset, learning rate), so the equalities above are not vacuous.
   assert apart[0]["validation"] != apart[1]["validation"]
+
+
+def test_runs_that_do_not_divide_the_mesh_rows_are_refused(easy, tmp_path):
+  configs = two_runs(easy, tmp_path / "vit.npz")
+  configs[0].mesh.runs = 3
+  with pytest.raises(ValueError, match=r"2 runs trained together cannot spread evenly over config.mesh.runs=3"):
+    trainer._mesh(configs[0], 2)
+  with pytest.raises(ValueError, match=r"config.mesh.runs=3 does not divide the 1 devices"):
+    trainer._mesh(configs[0], 3)
+  assert dict(trainer._mesh(configs[0], 1).shape) == {"data": 1, "fsdp": 1}  # a run alone takes every device
 
 
 def test_runs_that_differ_in_more_than_seed_and_lr_train_apart(easy, tmp_path):

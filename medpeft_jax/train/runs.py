@@ -4,8 +4,8 @@ The train state gains a leading run axis (`stack`); the step is vmapped over it 
 and the method's derived tensors shared (`vmapped_step`); each run draws its own batches
 (`StackedBatches`); the learning rate is per run because the schedule is data in the optimizer state
 (train/optim.py), so runs with other learning rates are the same program. `shard_runs` puts the run axis
-on a mesh axis, so a sweep on a pod can be one SPMD program with its runs spread over devices (tested on
-8 simulated devices; the classification trainer keeps it unsplit for now).
+on a mesh axis, so a sweep on a pod can be one SPMD program with its runs spread over devices; the
+classification trainer does so with `config.mesh.runs` rows of ('data', 'fsdp') devices (tests/test_runs.py).
 Opt-in (`train/loop.py` `Task.runs`): it pays where one run under-uses the device (small models, small
 batches); a large model wants the devices for FSDP instead.
 """

@@ -27,18 +27,26 @@ RULE_KINDS = ("fsdp", "replicate")
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-  """A ('data', 'fsdp') mesh over all (or the given) devices; -1 takes what the other axis leaves."""
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None, runs: int = 1) -> Mesh:
+  """A ('data', 'fsdp') mesh over all (or the given) devices; -1 takes what the other axes leave.
+
+  `runs` > 1 adds a leading 'runs' axis: runs trained together (train/runs.py) spread over its rows, each
+  run's batch and state split over its row's ('data', 'fsdp') devices.
+  """
   devices = np.asarray(devices if devices is not None else jax.devices())
   n = devices.size
+  if runs < 1 or n % runs:
+    raise ValueError(f"config.mesh.runs={runs} does not divide the {n} devices; pick a divisor of {n}.")
   if data == -1:
-    data = n // fsdp
+    data = n // (fsdp * runs)
   if fsdp == -1:
-    fsdp = n // data
-  if data < 1 or fsdp < 1 or data * fsdp != n:
-    raise ValueError(f"Mesh data={data} x fsdp={fsdp} does not use the {n} devices; set config.mesh.data and "
-                     f"config.mesh.fsdp so that their product is {n} (-1 takes the rest).")
-  return Mesh(devices.reshape(data, fsdp), ("data", "fsdp"))
+    fsdp = n // (data * runs)
+  if data < 1 or fsdp < 1 or runs * data * fsdp != n:
+    raise ValueError(f"Mesh runs={runs} x data={data} x fsdp={fsdp} does not use the {n} devices; set "
+                     f"config.mesh.data and config.mesh.fsdp so that their product is {n // runs} (-1 takes the rest).")
+  if runs == 1:
+    return Mesh(devices.reshape(data, fsdp), ("data", "fsdp"))
+  return Mesh(devices.reshape(runs, data, fsdp), ("runs", "data", "fsdp"))
 
 
 def path_name(path) -> str:

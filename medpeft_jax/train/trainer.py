@@ -248,8 +248,22 @@ def train_together(configs, workdirs, group_dir) -> list[dict]:
 
 
 def _stacked(shardings):
-  """The shardings of a stacked pytree: each leaf's own, behind an unsplit run axis."""
-  return jax.tree.map(lambda s: sharding.NamedSharding(s.mesh, sharding.P(None, *s.spec)), shardings)
+  """The shardings of a stacked pytree: each leaf's own, behind a run axis split over the mesh's 'runs'
+  axis (unsplit where the mesh has none)."""
+  def stacked(s):
+    return sharding.NamedSharding(s.mesh, sharding.P("runs" if "runs" in s.mesh.shape else None, *s.spec))
+  return jax.tree.map(stacked, shardings)
+
+
+def _mesh(config, runs: int):
+  """The run's mesh; `runs` trained together spread over `config.mesh.runs` rows of devices."""
+  rows = config.mesh.get("runs", 1)
+  if runs == 1:  # a run trained alone (e.g. a sweep's fallback) takes the rows' devices as data
+    return sharding.make_mesh(config.mesh.data * rows if config.mesh.data > 0 else -1, config.mesh.fsdp)
+  if runs % rows:
+    raise ValueError(f"{runs} runs trained together cannot spread evenly over config.mesh.runs={rows} rows of "
+                     f"devices; set config.mesh.runs to a divisor of {runs} (1: every run on every device).")
+  return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, runs=rows)
 
 
 def _train(configs: list, workdirs: list[pathlib.Path], loop_dir: pathlib.Path) -> list[dict]:
@@ -259,7 +273,7 @@ def _train(configs: list, workdirs: list[pathlib.Path], loop_dir: pathlib.Path) 
   for workdir in workdirs:
     workdir.mkdir(parents=True, exist_ok=True)
   loggers = [logs.RunLogger(workdir) for workdir in workdirs]
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = _mesh(config, len(configs))
   placement = sharding.Placement(mesh, config.mesh.rules, config.mesh.min_shard_size)
 
   builder = load_dataset(config)
@@ -354,7 +368,7 @@ def _train(configs: list, workdirs: list[pathlib.Path], loop_dir: pathlib.Path) 
                   for k, v in batch_spec.items()}
     statics, plain = (*statics, "runs", len(configs)), make_step
     make_step = lambda: jax.vmap(plain(), in_axes=(0, None, 0, None))  # noqa: E731
-    scalar_sh = sharding.NamedSharding(mesh, sharding.P(None))
+    scalar_sh = _stacked(scalar_sh)
     batches = runs.StackedBatches(
         sources, place=lambda stacked: {k: jax.make_array_from_process_local_data(batch_sh, v)
                                         for k, v in stacked.items()})
