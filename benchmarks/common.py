@@ -18,7 +18,7 @@ def measure(model_name: str, method_name: str, batch: int, size: int, steps: int
   model = models.create_model(model_name, num_classes=3)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), jnp.float32)
   variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
-  method = presets.build_method(model_name, method_name)
+  method = presets.build_method(model_name, method_name).for_run(1000)  # e.g. AdaLoRA's budget needs a length
   optimizer = optax.adamw(1e-3)
   state = init_train_state(method, variables, optimizer, jax.random.key(1))
   batch_data = {"image": x, "label": jnp.arange(batch) % 3}

@@ -18,9 +18,12 @@ from absl import app, flags
 
 FLAG_SETS = {
     "default": "",
+    "fast_compile": "--xla_cpu_opt_preset=FAST_COMPILE",
     "no_expensive_llvm": "--xla_llvm_disable_expensive_passes=true",
     "backend_opt_1": "--xla_backend_optimization_level=1",
     "backend_opt_0": "--xla_backend_optimization_level=0",
+    # Not a compile-time flag: convolutions through XLA's own emitter instead of YNNPACK (this jaxlib's default).
+    "no_ynn_conv": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
 }
 _CASES = flags.DEFINE_list("cases", ["mobilenet_v2:full:64:32", "mobilenet_v2:lora:64:32", "vit_b16:lora:224:8",
                                      "resnet50:full:224:8"], "model:method:size:batch (the first two: the main job's).")

@@ -1,6 +1,7 @@
 """The one training loop: runtime schedules share a program, finite or nothing, one run per workdir,
 sharding as data (adapters inherit their base leaf's placement; parameters created sharded)."""
 
+import os
 import subprocess
 import sys
 
@@ -123,7 +124,7 @@ def test_fsdp_parameters_are_never_whole_on_one_device_and_runs_spread_over_devi
   (never whole on a device), and LoRA's B factors follow their kernel's output-feature sharding. Then 8 runs
   trained together on a ("runs",) mesh: one run per device, one SPMD step, equal to the unsharded step."""
   out = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+                       env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert out.returncode == 0, out.stderr[-3000:]
   lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("WHOLE", "SHARDED_B", "RUNS")))
   assert lines["WHOLE"] == "[]", lines["WHOLE"]
@@ -148,3 +149,24 @@ def test_linear_probe_on_cached_features_equals_the_whole_model(easy, tmp_path):
   again = trainer.train_and_evaluate(smoke_config(easy, "resnet50", "linear", lr=1e-2, epochs=4, seed=1),
                                      tmp_path / "b")
   assert again["compile_time_s"] == 0.0
+
+
+def test_cpu_compile_flags_are_added_once_and_yield_to_the_users(monkeypatch):
+  from medpeft_jax import cpu_flags  # noqa: PLC0415
+
+  monkeypatch.setattr(cpu_flags, "_accelerator_plugin_installed", lambda: False)
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  cpu_flags.use_cpu_compile_flags()
+  cpu_flags.use_cpu_compile_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=1"
+  for env, expected in (({"XLA_FLAGS": "--xla_backend_optimization_level=3"}, "--xla_backend_optimization_level=3"),
+                        ({"XLA_FLAGS": "", "JAX_PLATFORMS": "cuda"}, "")):
+    for key, value in env.items():
+      monkeypatch.setenv(key, value)
+    cpu_flags.use_cpu_compile_flags()
+    assert os.environ["XLA_FLAGS"] == expected
+  monkeypatch.setenv("JAX_PLATFORMS", "")
+  monkeypatch.setattr(cpu_flags, "_accelerator_plugin_installed", lambda: True)  # a GPU/TPU plugin: untouched
+  cpu_flags.use_cpu_compile_flags()
+  assert os.environ["XLA_FLAGS"] == ""
