@@ -26,21 +26,20 @@ import dataclasses
 from typing import ClassVar
 
 import jax.numpy as jnp
-import numpy as np
 
 from medpeft_jax.peft.core import AdapterCall, Flat, Method, register
 from medpeft_jax.peft.lora import _kernel, kernel_modules
 from medpeft_jax.peft.oft import cayley, checked_inputs, fitted_block_size, rotate_blocks
 
 
-def butterfly_permutation(width: int, blocks: int, half: int) -> np.ndarray:
-  """HF's `block_butterfly_perm`: in each of `blocks` groups of features, the chunks of `half` features in
-  even-then-odd order (P[i, perm[i]] = 1)."""
-  group = width // blocks
-  chunks = np.arange(group // half)
-  order = np.concatenate([chunks[::2], chunks[1::2]])
-  within = (order[:, None] * half + np.arange(half)).reshape(-1)
-  return (np.arange(0, width, group)[:, None] + within).reshape(-1)
+def butterfly(x, blocks: int, half: int, inverse: bool = False):
+  """x[..., perm] for HF's `block_butterfly_perm` (in each of `blocks` groups of features, the chunks of
+  `half` features in even-then-odd order), or x[..., argsort(perm)] with `inverse`: a reshape and a
+  transpose, whose gradient is one too (a gather's would be a scatter). A group holds an even number of
+  chunks (b·2^i features in chunks of b/2)."""
+  pairs = x.shape[-1] // (blocks * 2 * half)
+  grouped = (blocks, 2, pairs, half) if inverse else (blocks, pairs, 2, half)
+  return jnp.swapaxes(x.reshape(*x.shape[:-1], *grouped), -3, -2).reshape(x.shape)
 
 
 @register("boft")
@@ -90,11 +89,10 @@ class BOFT(Method):
     """x·M for the factors' blocks r (m, n, b, b): x·M_{m-1} first, each factor permuted in and out."""
     m, n, b, _ = r.shape
     blocks = cayley(0.5 * (r - jnp.swapaxes(r, -1, -2)))
-    for i in reversed(range(m)):
-      perm = butterfly_permutation(x.shape[-1], n >> i, b // 2) if i else None  # P_0 = I
-      x = x if perm is None else x[..., np.argsort(perm)]  # x·P_i
+    for i in reversed(range(m)):  # P_0 = I
+      x = butterfly(x, n >> i, b // 2, inverse=True) if i else x  # x·P_i
       x = rotate_blocks(x, blocks[i])
-      x = x if perm is None else x[..., perm]  # ·P_iᵀ
+      x = butterfly(x, n >> i, b // 2) if i else x  # ·P_iᵀ
     return x
 
   def call_adapter(self, adapter, call: AdapterCall):
