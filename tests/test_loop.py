@@ -150,23 +150,3 @@ def test_linear_probe_on_cached_features_equals_the_whole_model(easy, tmp_path):
                                      tmp_path / "b")
   assert again["compile_time_s"] == 0.0
 
-
-def test_cpu_compile_flags_are_added_once_and_yield_to_the_users(monkeypatch):
-  from medpeft_jax import cpu_flags  # noqa: PLC0415
-
-  monkeypatch.setattr(cpu_flags, "_accelerator_plugin_installed", lambda: False)
-  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  cpu_flags.use_cpu_compile_flags()
-  cpu_flags.use_cpu_compile_flags()
-  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=1"
-  for env, expected in (({"XLA_FLAGS": "--xla_backend_optimization_level=3"}, "--xla_backend_optimization_level=3"),
-                        ({"XLA_FLAGS": "", "JAX_PLATFORMS": "cuda"}, "")):
-    for key, value in env.items():
-      monkeypatch.setenv(key, value)
-    cpu_flags.use_cpu_compile_flags()
-    assert os.environ["XLA_FLAGS"] == expected
-  monkeypatch.setenv("JAX_PLATFORMS", "")
-  monkeypatch.setattr(cpu_flags, "_accelerator_plugin_installed", lambda: True)  # a GPU/TPU plugin: untouched
-  cpu_flags.use_cpu_compile_flags()
-  assert os.environ["XLA_FLAGS"] == ""
